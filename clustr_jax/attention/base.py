@@ -1,0 +1,141 @@
+"""Pieces shared by every attention mechanism: the contract's checks and the projections.
+
+The attention contract (../DESIGN.md, "Packages and contracts"): every mechanism is a Linen
+module called as ``module(x, mask=None, *, deterministic=True)`` with
+
+  x:    float array [batch, length, features]
+  mask: bool array [batch, length], True = real token, False = padding (None = all real)
+
+returning [batch, length, out_features]. A padded token never changes the output of a real token.
+Each module owns its projections (the methods differ in where they act), built from the
+``HeadProjection`` / ``OutputProjection`` modules below so that every kernel carries logical axis
+names ('embed', 'heads', 'kv') for the sharding rules in ``clustr_jax/sharding.py``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+Dtype = Any
+Initializer = Callable[..., Array]
+
+#: Logit value used for masked-out keys. Large and negative but finite, so that a fully masked
+#: row gives a uniform (not NaN) softmax; such rows only occur for padded queries.
+MASK_VALUE = -1e10
+
+#: LRA's attention kernels are xavier-uniform (``lra_benchmarks/models/layers/common_layers.py``).
+default_kernel_init = nn.initializers.xavier_uniform
+
+
+def check_inputs(x: Array, mask: Array | None, name: str) -> Array:
+  """Validates ``x`` and ``mask`` against the attention contract.
+
+  Args:
+    x: [batch, length, features], floating dtype.
+    mask: bool [batch, length] (True = real token) or None.
+    name: the calling module's name, for the error message.
+
+  Returns:
+    The mask as a bool array [batch, length] (all True when ``mask`` is None).
+
+  Raises:
+    ValueError: ``x`` is not rank 3, or ``mask`` does not have shape [batch, length].
+  """
+  if x.ndim != 3:
+    raise ValueError(
+        f"{name}: x must be [batch, length, features]; got shape {tuple(x.shape)}")
+  if mask is None:
+    return jnp.ones(x.shape[:2], dtype=bool)
+  if tuple(mask.shape) != tuple(x.shape[:2]):
+    raise ValueError(
+        f"{name}: mask must be [batch, length] = {tuple(x.shape[:2])} to match x; "
+        f"got shape {tuple(mask.shape)}")
+  return mask.astype(bool)
+
+
+def head_dims(features: int, qkv_features: int | None, num_heads: int, name: str) -> tuple[int, int]:
+  """Returns (qkv_features, head_dim), checking that the heads divide the width.
+
+  Raises:
+    ValueError: num_heads < 1 or qkv_features not divisible by num_heads.
+  """
+  qkv = features if qkv_features is None else qkv_features
+  if num_heads < 1:
+    raise ValueError(f"{name}: num_heads must be >= 1; got {num_heads}")
+  if qkv % num_heads:
+    raise ValueError(
+        f"{name}: qkv_features={qkv} must be divisible by num_heads={num_heads}")
+  return qkv, qkv // num_heads
+
+
+class HeadProjection(nn.Module):
+  """Linear map from features to heads: [..., features] -> [..., heads, head_dim].
+
+  The kernel is [features, heads, head_dim] with logical axes ('embed', 'heads', 'kv'), declared
+  with ``self.param`` (a multi-dimensional ``nn.DenseGeneral`` kernel with logical partitioning
+  fails under a global mesh, flax issue 3676). Fan-in is ``features`` and fan-out
+  ``heads * head_dim``, so xavier-uniform equals that of the flat [features, heads*head_dim]
+  matrix of the original (PyTorch / old-Flax) implementations.
+  """
+  num_heads: int
+  head_dim: int
+  use_bias: bool = False
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  kernel_init: Initializer = default_kernel_init(in_axis=0, out_axis=(1, 2))
+  bias_init: Initializer = nn.initializers.zeros_init()
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    kernel = self.param(
+        "kernel", nn.with_logical_partitioning(self.kernel_init, ("embed", "heads", "kv")),
+        (x.shape[-1], self.num_heads, self.head_dim), self.param_dtype)
+    x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
+    y = jnp.einsum("...f,fhd->...hd", x, kernel)
+    if self.use_bias:
+      bias = self.param(
+          "bias", nn.with_logical_partitioning(self.bias_init, ("heads", "kv")),
+          (self.num_heads, self.head_dim), self.param_dtype)
+      y = y + bias.astype(y.dtype)
+    return y
+
+
+class OutputProjection(nn.Module):
+  """Linear map from heads back to features: [..., heads, head_dim] -> [..., features].
+
+  Kernel [heads, head_dim, features], logical axes ('heads', 'kv', 'embed').
+  """
+  features: int
+  use_bias: bool = False
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  kernel_init: Initializer = default_kernel_init(in_axis=(0, 1), out_axis=2)
+  bias_init: Initializer = nn.initializers.zeros_init()
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    kernel = self.param(
+        "kernel", nn.with_logical_partitioning(self.kernel_init, ("heads", "kv", "embed")),
+        (x.shape[-2], x.shape[-1], self.features), self.param_dtype)
+    x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
+    y = jnp.einsum("...hd,hdf->...f", x, kernel)
+    if self.use_bias:
+      bias = self.param("bias", nn.with_logical_partitioning(self.bias_init, ("embed",)),
+                        (self.features,), self.param_dtype)
+      y = y + bias.astype(y.dtype)
+    return y
+
+
+def attention_dropout(weights: Array, rate: float, deterministic: bool) -> Array:
+  """Dropout on attention weights (not broadcast, as in LRA), rng stream 'dropout'.
+
+  Call from inside a compact ``__call__``: the Dropout submodule binds to the caller.
+  """
+  if deterministic or rate == 0.0:
+    return weights
+  return nn.Dropout(rate=rate, deterministic=False)(weights)

@@ -1,0 +1,103 @@
+r"""LRA ListOps: the official LRA Transformer settings, and a CPU-sized variant.
+
+Official (``lra_benchmarks/listops/configs/{base_listops_config,transformer_base}.py``, see
+../shared/reference/lra.md §8): 4 layers, emb 512, 8 heads, qkv 512, MLP 1024, sinusoidal
+positions, CLS pooling, dropout 0.1/0.1, length 2,000, batch 32, 5,000 steps, Adam(0.9, 0.98,
+1e-9), lr 0.05 * linear_warmup(1,000) * rsqrt_decay, weight decay 0.1, eval every 50 steps.
+LRA's Transformer reaches 36.37% test accuracy.
+
+``cpu`` (the main job's default, ~5 minutes on 2 CPU cores including data generation) differs:
+generated sequences of 10 < length < 64 tokens instead of 500 < length < 2,000 (same grammar,
+operators, depth limit 10, 10 arguments and value probability 0.25), 20,000/1,000/1,000 examples
+instead of 96,000/2,000/2,000, inputs padded to 64, a 2-layer model of width 128 (4 heads,
+qkv 128, MLP 256), batch 32, 2,000 steps, lr 0.02 * warmup(200) * rsqrt_decay, no dropout.
+
+Args (comma-separated, e.g. ``:cpu,attention=cast``):
+  cpu        the CPU-sized variant.
+  attention  dense | clustr | cast | sparsifiner, each with settings that fit the length.
+
+  python -m clustr_jax.main --config=configs/lra/listops.py:cpu --workdir=workdir/listops_cpu
+  python -m clustr_jax.main --config=configs/lra/listops.py --workdir=/tmp/listops
+  python -m clustr_jax.main --config=configs/lra/listops.py:attention=cast --workdir=/tmp/cast
+"""
+
+import ml_collections
+
+from clustr_jax import config_utils
+
+
+def attention_kwargs(name: str, length: int) -> dict:
+  """Settings of each mechanism that fit a sequence of ``length`` tokens (CLS included)."""
+  if name == "dense":
+    return {}
+  if name == "clustr":
+    # Two scales as in ClusTR (M, 4M); M ~ length / 16 gives 125 / 500 clusters at 2,001 tokens.
+    m = max(1, length // 16)
+    return {"num_clusters": (m, min(4 * m, length)), "distance_chunk_size": 512}
+  if name == "cast":
+    # Full coverage (num_clusters * cluster_size >= length) with num_clusters ~ sqrt(length).
+    num_clusters = max(1, int(round(length ** 0.5 / 8)) * 8)
+    cluster_size = min(length, -(-length // num_clusters))
+    return {"num_clusters": num_clusters, "cluster_size": cluster_size}
+  if name == "sparsifiner":
+    # n_down = length // reduce_n_factor ~ 32 keeps the predictor within LRA's +10% parameters.
+    return {"keep_rate": 0.25, "reduce_n_factor": max(1, length // 32)}
+  raise ValueError(f"attention={name!r} unknown; valid: dense, clustr, cast, sparsifiner")
+
+
+def get_config(arg=None):
+  arg = config_utils.parse_arg(arg, cpu=False, attention="dense")
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+
+  config.dataset = ml_collections.ConfigDict()
+  config.dataset.name = "listops"
+  config.dataset.task = "basic"
+  config.dataset.data_dir = ml_collections.FieldReference(None, field_type=str)
+  config.dataset.generate = True  # Write {task}_{train,val,test}.tsv first if missing.
+  config.dataset.max_length = 2000
+  config.dataset.generator = ml_collections.ConfigDict(dict(
+      num_train=96_000, num_val=2_000, num_test=2_000, min_length=500, max_length=2000,
+      max_depth=10, max_args=10, value_p=0.25, seed=0))
+
+  config.model = ml_collections.ConfigDict(dict(
+      name="lra_encoder", emb_dim=512, num_heads=8, qkv_dim=512, mlp_dim=1024, num_layers=4,
+      dropout_rate=0.1, attention_dropout_rate=0.1, pooling="CLS",
+      learned_position_embedding=False, cls_mask_from_first_token=False, dtype="float32",
+      attention=arg.attention))
+
+  config.batch_size = 32
+  config.eval_batch_size = 32
+  config.num_train_steps = 5_000
+  config.optimizer = "adamw"
+  config.learning_rate = 0.05
+  config.schedule = "constant*linear_warmup*rsqrt_decay"
+  config.warmup_steps = 1_000
+  config.adam_b1 = 0.9
+  config.adam_b2 = 0.98
+  config.adam_eps = 1e-9
+  config.weight_decay = 0.1
+  config.grad_clip_norm = ml_collections.FieldReference(None, field_type=float)
+
+  config.log_every_steps = 50
+  config.eval_every_steps = 50
+  config.checkpoint_every_steps = 500
+  config.max_checkpoints_to_keep = 3
+  config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, model=1))
+  config.distributed_init = False  # jax.distributed.initialize() for multi-host runs.
+
+  if arg.cpu:
+    config.dataset.max_length = 64
+    config.dataset.generator.update(num_train=20_000, num_val=1_000, num_test=1_000,
+                                    min_length=10, max_length=64)
+    config.model.update(emb_dim=128, num_heads=4, qkv_dim=128, mlp_dim=256, num_layers=2,
+                        dropout_rate=0.0, attention_dropout_rate=0.0)
+    config.num_train_steps = 2_000
+    config.learning_rate = 0.02
+    config.warmup_steps = 200
+    config.eval_every_steps = 250
+    config.checkpoint_every_steps = 250
+
+  length = config.dataset.max_length + (1 if config.model.pooling == "CLS" else 0)
+  config.model.attention_kwargs = attention_kwargs(arg.attention, length)
+  return config

@@ -1,0 +1,130 @@
+"""The train loop: sharded steps, checkpoint/resume with the data order, results.json."""
+
+import functools
+import json
+import pathlib
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from clustr_jax import config_utils
+from clustr_jax import optim
+from clustr_jax import sharding
+from clustr_jax import train
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+
+
+def tiny_config(num_train_steps=4):
+  config = config_utils.load(f"{REPO}/configs/lra/listops.py:cpu")
+  config.dataset.max_length = 32
+  config.dataset.generator.update(num_train=96, num_val=20, num_test=20, min_length=5,
+                                  max_length=30)
+  config.model.update(emb_dim=16, num_heads=2, qkv_dim=16, mlp_dim=32, num_layers=1,
+                      dropout_rate=0.1, attention_dropout_rate=0.1)
+  config.batch_size = 8
+  config.eval_batch_size = 8
+  config.num_train_steps = num_train_steps
+  config.warmup_steps = 2
+  config.log_every_steps = 1
+  config.eval_every_steps = 2
+  config.checkpoint_every_steps = 2
+  return config
+
+
+def read_train_losses(workdir):
+  lines = [json.loads(l) for l in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+  return {l["step"]: l["loss"] for l in lines if l["split"] == "train"}
+
+
+def test_step_on_1_and_8_devices_gives_the_same_loss():
+  config = tiny_config()
+  model = train.create_model(config, {"vocab_size": 17, "num_classes": 10})
+  tx, schedule = optim.create_optimizer(config)
+  rng = np.random.default_rng(0)
+  batch = {"inputs": rng.integers(0, 17, (8, 32)).astype(np.int32),
+           "targets": rng.integers(0, 10, (8,)).astype(np.int32)}
+  results = []
+  for devices in (jax.devices()[:1], jax.devices()[:8]):
+    mesh = sharding.create_mesh(devices=devices)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
+      init_fn = functools.partial(train.create_train_state, model, tx)
+      sample = jnp.zeros((8, 32), jnp.int32)
+      state_sharding = sharding.logical_to_sharding(
+          jax.eval_shape(init_fn, jax.random.key(0), sample), mesh)
+      state = jax.jit(lambda r, x: nn.unbox(init_fn(r, x)), out_shardings=state_sharding)(
+          jax.random.key(0), sample)
+      step = jax.jit(functools.partial(train.train_step, model=model, tx=tx, schedule=schedule,
+                                       rng=jax.random.key(1)),
+                     in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
+                     out_shardings=(state_sharding, sharding.replicated(mesh)))
+      global_batch = train.global_batch(batch, mesh)
+      assert len(global_batch["inputs"].sharding.device_set) == len(devices)
+      for _ in range(2):
+        state, metrics = step(state, global_batch)
+      results.append((float(metrics["loss"]), jax.device_get(state.params)))
+  assert results[0][0] == pytest.approx(results[1][0], abs=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), results[0][1],
+               results[1][1])
+
+
+def test_resume_continues_with_the_same_data_order(tmp_path):
+  """2 steps, then a restarted run to 4 steps == one uninterrupted 4-step run, step by step."""
+  data_dir = tmp_path / "data"
+  full, first = tmp_path / "full", tmp_path / "resumed"
+  config = tiny_config(4)
+  config.dataset.data_dir = str(data_dir)
+  train.train_and_evaluate(config, full)
+  short = tiny_config(2)
+  short.dataset.data_dir = str(data_dir)
+  results = train.train_and_evaluate(short, first)
+  assert results["step"] == 2
+  assert (first / "checkpoints" / "2").is_dir()
+  resumed = train.train_and_evaluate(config, first)
+  assert resumed["resumed_from_step"] == 2 and resumed["step"] == 4
+  assert read_train_losses(first) == read_train_losses(full)
+  np.testing.assert_allclose(resumed["test"]["accuracy"],
+                             json.loads((full / "results.json").read_text())["test"]["accuracy"])
+
+
+def test_results_json(tmp_path):
+  config = tiny_config(2)
+  results = train.train_and_evaluate(config, tmp_path)
+  saved = json.loads((tmp_path / "results.json").read_text())
+  assert saved["step"] == 2 and saved["num_train_steps"] == 2
+  assert saved["test"]["num_examples"] == 20 and saved["val"]["num_examples"] == 20
+  assert 0.0 <= saved["test"]["accuracy"] <= 1.0
+  assert saved["config"]["model"]["attention"] == "dense"
+  assert saved["num_params"] == results["num_params"] > 0
+  assert saved["wall_time_s"] > 0
+  assert (tmp_path / "data" / "listops" / "basic_train.tsv").is_file()
+  assert list((tmp_path / "tensorboard").iterdir())
+  splits = {json.loads(l)["split"] for l in (tmp_path / "metrics.jsonl").read_text().splitlines()}
+  assert splits == {"train", "val", "test"}
+
+
+def test_config_errors_name_the_key(tmp_path):
+  config = tiny_config(2)
+  config.batch_size = 12  # not a multiple of 8 devices
+  with pytest.raises(ValueError, match="config.batch_size=12"):
+    train.train_and_evaluate(config, tmp_path)
+  config = tiny_config(2)
+  config.mesh.data = 3
+  with pytest.raises(ValueError, match="mesh"):
+    train.train_and_evaluate(config, tmp_path)
+
+
+def test_lra_schedule_matches_formula():
+  schedule = optim.create_learning_rate_schedule("constant*linear_warmup*rsqrt_decay", 0.05,
+                                                 1000, 4000)
+  assert float(schedule(0)) == 0.0
+  np.testing.assert_allclose(schedule(500), 0.05 * 0.5 / np.sqrt(1000), rtol=1e-6)
+  np.testing.assert_allclose(schedule(1000), 0.05 / np.sqrt(1000), rtol=1e-6)
+  np.testing.assert_allclose(schedule(4000), 0.05 / np.sqrt(4000), rtol=1e-6)
+  cosine = optim.create_learning_rate_schedule("constant*linear_warmup*cosine_decay", 1.0, 10, 100)
+  np.testing.assert_allclose(cosine(60), 0.5 * (1 + np.cos(np.pi * 0.5)), rtol=1e-6)
+  with pytest.raises(ValueError, match="unknown"):
+    optim.create_learning_rate_schedule("constant*bogus", 1.0, 10, 100)
