@@ -1,0 +1,514 @@
+"""Sparsifiner: predicted instance-dependent top-k sparse attention (Wei et al., CVPR 2023).
+
+Faithful to the official DeiT code (``lim142857/Sparsifiner`` @ 9a11e26,
+``src/models/sparsifiner.py``: ``MaskPredictor`` and ``Attention``); see
+``shared/reference/sparsifiner.md`` §2 for the algorithm and §5 for its quirks. Per layer, with
+x [B, N, C], H heads of width d, c = d // reduce_c_factor, n_down = N // reduce_n_factor,
+Nq = N - 1 patch queries when token 0 is a CLS token (else Nq = N):
+
+  q, k, v = x W_q + b_q, x W_k + b_k, x W_v + b_v                      [B, N, H, d]
+  connectivity predictor (``mask_predictor``; its weights are shared by the heads):
+    q~ = q W_cq + b_cq,  k~ = k W_ck + b_ck                              [B, N, H, c]
+    K_down = k~^T W_down          (W_down = proj_n [N, n_down])          [B, H, c, n_down]
+    A_down = softmax_{n_down}(q~[patch rows] K_down * s_pred)            [B, H, Nq, n_down]
+    mode A (recon_mode=True):  A^ = A_down W_up^T   (signed W_up = proj_back_n [N, n_down])
+    mode B (recon_mode=False): A^ = top_{basis_topk}(A_down) T_tau(|W_up|)^T, where
+                               T_tau(z) = z if z > tau else 0           A^: [B, H, Nq, N]
+    M = the top-k columns of each row of A^, k = ceil(keep_rate * N);  the CLS row is dense;
+        M is under stop_gradient (no gradient reaches the predictor through the mask)
+  L = q k^T / sqrt(d)
+  mode A: P = softmax(L)  (dense: stage 1 trains the predictor on unchanged token values)
+  mode B: P = softmax(L with -inf where M = 0), NaN -> 0
+  y = merge_heads(P v) W_o + b_o                                         [B, N, out_features]
+
+s_pred = H^-1/2 in the code (``predictor_scale='num_heads'``, the default), d^-1/2 in the paper
+figure (``'head_dim'``). Mode is an explicit field, not inferred from ``deterministic``: in the
+official code a validation pass during stage 1 already uses mode B (reference §5.7).
+
+Two equivalent mode-B paths (``path``):
+  'masked'  the official dense-then-mask computation: [B, H, N, N] logits, -inf outside M.
+  'gather'  only the k selected keys of each patch query: K and V rows are gathered per query
+            and the softmax runs over k, O(N k d); the CLS row is dense, O(N d). On the CPU the
+            query rows run in steps of GATHER_CHUNK_ROWS so that their gathered [32, k, d] keys
+            and values stay in cache, with a custom backward pass that recomputes them step by
+            step (flash-attention style) and scatter-adds dK and dV; on other platforms, and with
+            attention dropout active, one batched gather ([B, H, Nq, k, d]) with autodiff.
+            ``jax.lax.platform_dependent`` picks the CPU version at lowering time.
+The predictor's A^ is [B, H, Nq, N] on both paths and its top-k runs over N columns: that
+O(N^2) part is inherent to the official method (its ``approx_attn``).
+
+Cost: predictor O(N n_down c H) + A^ O(N^2 H basis_topk) (mode A: O(N^2 H n_down)) + a top-k
+over N columns for N H rows; attention O(N^2 d H) on the masked path, O(N k d H) on the gather
+path. Memory: A^ is [B, H, Nq, N] float32 on both paths. The predictor (q~, k~, A_down, A^,
+top-k) runs in float32 whatever ``dtype`` is, so that the selected sets do not depend on
+bfloat16 rounding. On the CPU, XLA's TopK (a partial sort per row, one thread) makes the top-k
+over A^ the largest single cost: at N = 1024, H = 8, d = 64, keep 0.1 it takes about as long as
+the whole dense attention layer, so the forward pass is about 2x slower than dense attention
+there, while forward + backward is about as fast (the FLOP savings of the paper are counted,
+not measured, reference §4.1).
+
+Padding (``mask``; the official code has none) and what we add to keep it from leaking:
+  * padded keys are never selected: their A^ columns are -inf before the top-k, and they are
+    excluded from the dense CLS row and from recon-mode attention;
+  * when a sample has fewer real keys than k, the surplus selected slots (padded keys) are
+    masked: the budget is effectively min(k, real keys) per sample;
+  * the official predictor mixes all tokens through proj_n (a projection along the token axis),
+    so padded tokens would change A^ of real queries: we zero the padded tokens' k~ rows (and q~
+    rows) before the token-axis projection. With this, padded tokens never change real tokens'
+    outputs. (The official code zeroes the q~/k~ rows of pruned tokens the same way.)
+
+Token pruning (EViT-style, ``token_keep_rate < 1``, needs ``has_cls_token``; skipped in
+recon_mode as in the official code): score = mean over heads of the CLS row of the attention
+after masking, P[:, :, 0, 1:]; the ceil(token_keep_rate * (N - 1)) best real patches are kept
+(budget relative to the initialised length, as in the official code). The module's output is
+unchanged; it sows the boolean ``token_keep_mask`` [B, N] (CLS True if real, padding False) so
+that the block can zero the pruned tokens' features. The block passes the running keep mask as
+``mask`` to the later layers, where pruned tokens then act exactly like padding. Differences to
+the official code (reference §5.8): the attention budget is clipped per sample (surplus slots
+masked) instead of lowered to the first sample's kept count and stored in the module; with a
+budget above the number of kept patches we also keep the CLS column (the official code picks
+``kept`` of the kept + 1 finite columns); and the dense CLS row excludes pruned keys (the official
+code zeroes their q/k/v, so its CLS row still counts them with logit 0 and value 0).
+
+Sown into 'intermediates' (for the distillation losses and plots):
+  approx_attn      A^ [B, H, Nq, N] float32 (mode A: the signed reconstruction for
+                   L_recon = sum (A^ - A_teacher[:, :, 1:, :])^2; mode B: the scores of the top-k)
+  unmasked_attn    dense softmax(L) [B, H, N, N] float32, recon_mode only (padding excluded)
+  attn_mask        mode B, path 'masked': bool [B, H, N, N] (CLS row = real keys)
+  attn_indices     mode B, path 'gather': int32 [B, H, Nq, k], each patch query's selected keys,
+                   -1 for masked surplus slots (the CLS row, dense, is not listed)
+  token_keep_mask  bool [B, N], only when token_keep_rate < 1
+
+Parameters (names mirror the official state-dict keys under ``blocks.i.attn.``):
+  query/key/value: {kernel [C, H, d], bias [H, d]}  from qkv.weight (3C', C) / qkv.bias (3C'),
+      output rows laid out [q | k | v], each split head-major into (H, d):
+      query.kernel = qkv.weight[0:C'].T.reshape(C, H, d), query.bias = qkv.bias[0:C'].reshape(H, d);
+      key from rows C':2C', value from rows 2C':3C'  (C' = qkv_features = H d).
+  proj: {kernel [H, d, C_out], bias [C_out]} = proj.weight.T.reshape(H, d, C_out), proj.bias.
+  mask_predictor/proj_c_q: {kernel [d, c] = proj_c_q.weight.T, bias [c]}; proj_c_k likewise.
+  mask_predictor/proj_n [N, n_down] and proj_back_n [N, n_down]: copied as they are.
+Initialisation: the projections use the codebase default (xavier-uniform, zero biases); the
+predictor follows timm's ``trunc_normal_(std=.02)``, whose bounds a=-2, b=2 are absolute, i.e.
+an (effectively untruncated) normal with std 0.02, and zero biases.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from clustr_jax.attention import base
+
+_NAME = "SparsifinerAttention"
+_PATHS = ("gather", "masked")
+_SCALES = ("num_heads", "head_dim")
+
+#: timm's trunc_normal_(std=.02) truncates at +-2 absolute, i.e. +-100 standard deviations.
+predictor_init = nn.initializers.truncated_normal(stddev=0.02, lower=-100.0, upper=100.0)
+
+
+def _safe_softmax(logits: jax.Array, allowed: jax.Array) -> jax.Array:
+  """softmax(where(allowed, logits, -inf)) with fully masked rows set to 0 (official NaN -> 0).
+
+  Written without NaNs so that gradients stay finite for such rows.
+  """
+  logits = jnp.where(allowed, logits, -jnp.inf)
+  row_max = jnp.max(logits, axis=-1, keepdims=True)
+  row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
+  e = jnp.where(allowed, jnp.exp(logits - jax.lax.stop_gradient(row_max)), 0.0)
+  total = jnp.sum(e, axis=-1, keepdims=True)
+  return e / jnp.where(total > 0, total, 1.0)
+
+
+#: Rows per step of the CPU gather path (their gathered keys and values stay in cache).
+GATHER_CHUNK_ROWS = 32
+
+
+def _rows_attention(q: jax.Array, k: jax.Array, v: jax.Array, index: jax.Array,
+                    slot_valid: jax.Array, scale: float, drop=None) -> jax.Array:
+  """Attention of each query row over its own k keys, by gathering those keys' rows.
+
+  Args:
+    q: [..., R, d] query rows (leading dims are batch dims, e.g. [B, H]).
+    k, v: [..., T, d] key / value rows.
+    index: int [..., R, k], the rows of k / v that each query attends to.
+    slot_valid: bool [..., R, k]; False slots get weight 0 (a row without any: output 0).
+    scale: logit scale.
+    drop: optional dropout on the [..., R, k] weights.
+
+  Returns:
+    [..., R, d] in v's dtype. Cost O(R k d) time and [..., R, k, d] memory for the gathered
+    rows. The batch dims stay batch dims of the gathers (no reshapes that would merge sharded
+    axes).
+  """
+  gather = lambda table, i: table[i]  # noqa: E731
+  for _ in range(q.ndim - 2):
+    gather = jax.vmap(gather)
+  logits = jnp.einsum("...rd,...rkd->...rk", q, gather(k, index),
+                      preferred_element_type=jnp.float32) * scale
+  weights = _safe_softmax(logits, slot_valid)
+  if drop is not None:
+    weights = drop(weights)
+  return jnp.einsum("...rk,...rkd->...rd", weights.astype(v.dtype), gather(v, index))
+
+
+def _chunks(x: jax.Array, rows: int) -> jax.Array:
+  return x.reshape((-1, rows) + x.shape[1:])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _chunked_rows_attention(q, k_table, v_table, index, slot_valid, scale, rows):
+  """``_rows_attention`` in steps of ``rows`` query rows (R a multiple of rows), so that the
+  gathered [rows, k, d] keys and values stay in cache; the backward pass recomputes them step by
+  step (like flash attention) and scatter-adds into dK and dV. Same values and gradients."""
+  def step(_, xs):
+    return None, _rows_attention(*xs[:1], k_table, v_table, *xs[1:], scale)
+  _, out = jax.lax.scan(step, None, (_chunks(q, rows), _chunks(index, rows),
+                                     _chunks(slot_valid, rows)))
+  return out.reshape(q.shape[:1] + out.shape[2:])
+
+
+def _chunked_fwd(q, k_table, v_table, index, slot_valid, scale, rows):
+  out = _chunked_rows_attention(q, k_table, v_table, index, slot_valid, scale, rows)
+  return out, (q, k_table, v_table, index, slot_valid)
+
+
+def _chunked_bwd(scale, rows, residuals, d_out):
+  q, k_table, v_table, index, slot_valid = residuals
+  f32 = jnp.float32
+
+  def step(carry, xs):
+    d_k, d_v = carry
+    q_c, index_c, valid_c, d_out_c = xs
+    q_c, d_out_c = q_c.astype(f32), d_out_c.astype(f32)
+    keys, values = k_table[index_c].astype(f32), v_table[index_c].astype(f32)    # [rows, k, d]
+    weights = _safe_softmax(jnp.einsum("rd,rkd->rk", q_c, keys) * scale, valid_c)
+    d_weights = jnp.einsum("rd,rkd->rk", d_out_c, values)
+    d_logits = weights * (d_weights - jnp.sum(weights * d_weights, -1, keepdims=True)) * scale
+    d_k = d_k.at[index_c].add(d_logits[..., None] * q_c[:, None, :])
+    d_v = d_v.at[index_c].add(weights[..., None] * d_out_c[:, None, :])
+    return (d_k, d_v), jnp.einsum("rk,rkd->rd", d_logits, keys)
+
+  zeros = jnp.zeros(k_table.shape, f32)
+  (d_k, d_v), d_q = jax.lax.scan(
+      step, (zeros, jnp.zeros(v_table.shape, f32)),
+      (_chunks(q, rows), _chunks(index, rows), _chunks(slot_valid, rows), _chunks(d_out, rows)))
+  return (d_q.reshape(q.shape).astype(q.dtype), d_k.astype(k_table.dtype),
+          d_v.astype(v_table.dtype), None, None)
+
+
+_chunked_rows_attention.defvjp(_chunked_fwd, _chunked_bwd)
+
+
+def _cpu_rows_attention(q, k, v, index, slot_valid, scale):
+  """``_rows_attention`` (same arguments, batch dims [B, H]) for the CPU: the batch dims are
+  flattened into one table and the rows run in steps of GATHER_CHUNK_ROWS."""
+  *batch, rows, head_dim = q.shape
+  length, k_att = k.shape[-2], index.shape[-1]
+  groups = math.prod(batch)
+  offset = (jnp.arange(groups, dtype=index.dtype) * length).reshape(tuple(batch) + (1, 1))
+  flat = lambda x, width: x.reshape(groups * x.shape[-2], width)  # noqa: E731
+  total = groups * rows
+  pad = -total % GATHER_CHUNK_ROWS
+  pad_rows = lambda x: jnp.pad(x, [(0, pad), (0, 0)])  # noqa: E731
+  out = _chunked_rows_attention(
+      pad_rows(flat(q, head_dim)), flat(k, head_dim), flat(v, head_dim),
+      pad_rows(flat(index + offset, k_att)), pad_rows(flat(slot_valid, k_att)), scale,
+      GATHER_CHUNK_ROWS)
+  return out[:total].reshape(q.shape)
+
+
+def _materialised_transpose(x: jax.Array) -> jax.Array:
+  """x.T for a 2-D float32 x. On the CPU it is computed as a product with the identity (exact:
+  every output is one x entry times 1 plus zeros), which XLA materialises; a plain transpose is
+  fused into the consumer's gather loop and re-read at a stride there (3x slower at N = 1024)."""
+  def by_product(x):
+    eye = jnp.eye(x.shape[1], dtype=x.dtype)
+    return jnp.einsum("nm,mk->kn", x, eye, precision=jax.lax.Precision.HIGHEST)
+  return jax.lax.platform_dependent(x, cpu=by_product, default=lambda x: x.T)
+
+
+class _ChannelLinear(nn.Module):
+  """The official ``nn.Linear(head_dim, reduced_c)``, shared by the heads: [..., d] -> [..., c].
+
+  kernel [d, c] (= the PyTorch weight transposed), bias [c]; computed in float32.
+  """
+  features: int
+  param_dtype: base.Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    kernel = self.param("kernel", nn.with_logical_partitioning(predictor_init, ("kv", None)),
+                        (x.shape[-1], self.features), self.param_dtype)
+    bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), (None,)),
+                      (self.features,), self.param_dtype)
+    y = jnp.einsum("...d,dc->...c", x.astype(jnp.float32), kernel.astype(jnp.float32))
+    return y + bias.astype(jnp.float32)
+
+
+class MaskPredictor(nn.Module):
+  """The connectivity predictor: low-rank approximate attention A^ (reference §2.3 step 2).
+
+  Attributes:
+    num_heads: H (for the official scale H^-1/2).
+    reduced_c: c, the channel width of q~ and k~.
+    reduced_n: n_down, the token-axis rank of proj_n / proj_back_n.
+    reduce_n_factor: only for the error message.
+    predictor_scale: 'num_heads' (H^-1/2, official) or 'head_dim' (d^-1/2, paper figure).
+    basis_threshold, basis_topk, recon_mode, has_cls_token: see ``SparsifinerAttention``.
+    param_dtype: parameter dtype. The computation is float32.
+
+  Call: q, k [B, N, H, d] (any float dtype), valid bool [B, N] (True = real, unpruned token) ->
+  A^ float32 [B, H, Nq, N].
+
+  Raises:
+    ValueError: N differs from the length proj_n / proj_back_n were initialised for.
+  """
+  num_heads: int
+  reduced_c: int
+  reduced_n: int
+  reduce_n_factor: int
+  predictor_scale: str = "num_heads"
+  basis_threshold: float = 0.02
+  basis_topk: int = 8
+  recon_mode: bool = False
+  has_cls_token: bool = True
+  param_dtype: base.Dtype = jnp.float32
+
+  def _token_param(self, name: str, length: int) -> jax.Array:
+    if self.has_variable("params", name):
+      stored = jnp.shape(nn.meta.unbox(self.get_variable("params", name)))
+      if tuple(stored) != (length, self.reduced_n):
+        raise ValueError(
+            f"{_NAME}: mask_predictor.{name} has shape {tuple(stored)}, initialised for length "
+            f"{stored[0]} (n_down = {stored[0]} // reduce_n_factor = {stored[1]}); the input has "
+            f"length {length}, which with reduce_n_factor={self.reduce_n_factor} needs "
+            f"({length}, {self.reduced_n}). The module is bound to the length it was initialised "
+            "with: pad inputs to that length")
+    return self.param(name, nn.with_logical_partitioning(predictor_init, ("length", None)),
+                      (length, self.reduced_n), self.param_dtype)
+
+  @nn.compact
+  def __call__(self, q: jax.Array, k: jax.Array, valid: jax.Array) -> jax.Array:
+    _, length, num_heads, head_dim = q.shape
+    w_down = self._token_param("proj_n", length).astype(jnp.float32)
+    w_up = self._token_param("proj_back_n", length).astype(jnp.float32)
+    q_c = _ChannelLinear(self.reduced_c, self.param_dtype, name="proj_c_q")(q)  # [B, N, H, c]
+    k_c = _ChannelLinear(self.reduced_c, self.param_dtype, name="proj_c_k")(k)
+    # Ours (the official code has no padding): padded / pruned tokens' rows are zeroed before
+    # the token-axis projection, so they cannot change A^ of real queries.
+    keep = valid[:, :, None, None]
+    q_c = jnp.where(keep, q_c, 0.0)
+    k_c = jnp.where(keep, k_c, 0.0)
+    k_down = jnp.einsum("bnhc,nm->bhcm", k_c, w_down)                      # [B, H, c, n_down]
+    if self.has_cls_token:
+      q_c = q_c[:, 1:]                                                       # drop the CLS query
+    scale = (num_heads if self.predictor_scale == "num_heads" else head_dim) ** -0.5
+    coef = jax.nn.softmax(jnp.einsum("bnhc,bhcm->bhnm", q_c, k_down) * scale, axis=-1)
+    if self.recon_mode:                                  # mode A: signed basis, all coefficients
+      return jnp.einsum("bhnm,Nm->bhnN", coef, w_up)
+    basis = jnp.abs(w_up)                                # mode B: T_tau(|W_up|), top coefficients
+    basis = jnp.where(basis > self.basis_threshold, basis, 0.0)
+    # A^[., n, j] = sum_t top_coef[., n, t] basis[j, top_index[., n, t]]: basis_topk gathered
+    # rows of basis^T instead of a product with the (mostly zero) dense coefficients. The
+    # barrier keeps XLA (CPU) from rewriting top_k + per-column slices into a full sort.
+    top_coef, top_index = jax.lax.optimization_barrier(
+        jax.lax.top_k(coef, self.basis_topk))                                 # [B, H, Nq, topk]
+    basis_t = _materialised_transpose(basis)                                 # [n_down, N]
+    approx = top_coef[..., 0, None] * basis_t[top_index[..., 0]]
+    for t in range(1, self.basis_topk):
+      approx = approx + top_coef[..., t, None] * basis_t[top_index[..., t]]
+    return approx
+
+
+class SparsifinerAttention(nn.Module):
+  """Sparsifiner attention behind the attention contract (see ``base`` and the module docstring).
+
+  Attributes:
+    num_heads: H.
+    qkv_features: total query/key/value width (H * d); default: the input width.
+    out_features: output width; default: the input width.
+    dropout_rate: dropout on the attention weights (training only; the official DeiT file
+      applies none, its LV-ViT file does).
+    use_bias: biases on the q/k/v projections (DeiT qkv_bias=True). The output projection
+      always has a bias, as the official ``proj``.
+    keep_rate: attention keep rate rho; each patch query keeps k = ceil(rho * N) keys. Per-layer
+      rates belong to the model (one module per layer).
+    reduce_n_factor: n_down = N // reduce_n_factor, the token-axis rank of proj_n / proj_back_n
+      ([N, n_down]); the module is bound to the length N it was initialised with.
+    reduce_c_factor: c = head_dim // reduce_c_factor.
+    predictor_scale: 'num_heads' (H^-1/2, the official code) or 'head_dim' (d^-1/2, the paper).
+    basis_threshold: tau of T_tau(|W_up|) in mode B.
+    basis_topk: low-rank coefficients kept per row in mode B.
+    recon_mode: True = mode A (stage 1: signed basis, dense attention, A^ sown for L_recon);
+      False = mode B (thresholded basis, top-k mask, sparse attention). Explicit, never inferred
+      from ``deterministic``.
+    has_cls_token: token 0 is a CLS token: its query row is dense and it is not a predictor
+      query. False: every row is predicted.
+    path: 'gather' (k keys per query, O(N k d)) or 'masked' (official dense-then-mask). Same
+      result.
+    token_keep_rate: EViT-style token pruning when < 1 (needs has_cls_token): sows
+      ``token_keep_mask`` [B, N] keeping ceil(token_keep_rate * (N - 1)) patches.
+    dtype: computation dtype (the predictor and the softmax run in float32);
+    param_dtype: parameter dtype.
+
+  Call: ``x`` [batch, length, features], ``mask`` bool [batch, length] (True = real token),
+  ``deterministic`` (False enables attention dropout, rng stream 'dropout') ->
+  [batch, length, out_features] in ``dtype``.
+
+  Raises:
+    ValueError: keep_rate or token_keep_rate outside (0, 1]; unknown path or predictor_scale;
+      n_down < 1 (reduce_n_factor) or c < 1 (reduce_c_factor); basis_topk outside [1, n_down];
+      a length other than the one proj_n was initialised for; token pruning without a CLS
+      token; a CLS model with fewer than 2 tokens; a mask of the wrong shape; heads that do not
+      divide qkv_features.
+  """
+  num_heads: int
+  qkv_features: int | None = None
+  out_features: int | None = None
+  dropout_rate: float = 0.0
+  use_bias: bool = True
+  keep_rate: float = 0.25
+  reduce_n_factor: int = 6
+  reduce_c_factor: int = 2
+  predictor_scale: str = "num_heads"
+  basis_threshold: float = 0.02
+  basis_topk: int = 8
+  recon_mode: bool = False
+  has_cls_token: bool = True
+  path: str = "gather"
+  token_keep_rate: float = 1.0
+  dtype: base.Dtype = jnp.float32
+  param_dtype: base.Dtype = jnp.float32
+
+  def _sizes(self, length: int, head_dim: int) -> tuple[int, int, int, int]:
+    """Validates the settings; returns (k, n_down, c, token budget)."""
+    if not 0.0 < self.keep_rate <= 1.0:
+      raise ValueError(f"{_NAME}: keep_rate must be in (0, 1]; got {self.keep_rate}")
+    if not 0.0 < self.token_keep_rate <= 1.0:
+      raise ValueError(f"{_NAME}: token_keep_rate must be in (0, 1]; got {self.token_keep_rate}")
+    if self.path not in _PATHS:
+      raise ValueError(f"{_NAME}: unknown path {self.path!r}; valid choices: {', '.join(_PATHS)}")
+    if self.predictor_scale not in _SCALES:
+      raise ValueError(f"{_NAME}: unknown predictor_scale {self.predictor_scale!r}; valid "
+                       f"choices: {', '.join(_SCALES)}")
+    if self.has_cls_token and length < 2:
+      raise ValueError(f"{_NAME}: has_cls_token=True needs length >= 2; got {length}")
+    if self.token_keep_rate < 1.0 and not self.has_cls_token:
+      raise ValueError(f"{_NAME}: token pruning (token_keep_rate={self.token_keep_rate} < 1) "
+                       "scores patches by the CLS attention and needs has_cls_token=True")
+    n_down = length // self.reduce_n_factor if self.reduce_n_factor >= 1 else 0
+    if n_down < 1:
+      raise ValueError(f"{_NAME}: reduce_n_factor={self.reduce_n_factor} gives n_down = length "
+                       f"// reduce_n_factor = {length} // {self.reduce_n_factor} = {n_down}; "
+                       "need n_down >= 1")
+    c = head_dim // self.reduce_c_factor if self.reduce_c_factor >= 1 else 0
+    if c < 1:
+      raise ValueError(f"{_NAME}: reduce_c_factor={self.reduce_c_factor} gives c = head_dim // "
+                       f"reduce_c_factor = {head_dim} // {self.reduce_c_factor} = {c}; "
+                       "need c >= 1")
+    if not 1 <= self.basis_topk <= n_down:
+      raise ValueError(f"{_NAME}: basis_topk={self.basis_topk} must be in [1, n_down] with "
+                       f"n_down = {length} // reduce_n_factor({self.reduce_n_factor}) = {n_down}")
+    k = min(math.ceil(self.keep_rate * length), length)   # official: ceil(rate * num_tokens)
+    token_budget = math.ceil(self.token_keep_rate * (length - 1))
+    return k, n_down, c, token_budget
+
+  @nn.compact
+  def __call__(self, x: jax.Array, mask: jax.Array | None = None, *,
+               deterministic: bool = True) -> jax.Array:
+    valid = base.check_inputs(x, mask, _NAME)                       # [B, N], True = real
+    batch, length, features = x.shape
+    _, head_dim = base.head_dims(features, self.qkv_features, self.num_heads, _NAME)
+    k_att, n_down, c, token_budget = self._sizes(length, head_dim)
+    proj = lambda name: base.HeadProjection(  # noqa: E731
+        self.num_heads, head_dim, self.use_bias, self.dtype, self.param_dtype, name=name)
+    q, k, v = proj("query")(x), proj("key")(x), proj("value")(x)   # [B, N, H, d]
+    q = nn.with_logical_constraint(q, ("batch", "length", "heads", "kv"))
+
+    approx = MaskPredictor(
+        self.num_heads, c, n_down, self.reduce_n_factor, self.predictor_scale,
+        self.basis_threshold, self.basis_topk, self.recon_mode, self.has_cls_token,
+        self.param_dtype, name="mask_predictor")(q, k, valid)    # [B, H, Nq, N] float32
+    self.sow("intermediates", "approx_attn", approx)
+    scale = head_dim ** -0.5
+    drop = lambda w: base.attention_dropout(w, self.dropout_rate, deterministic)  # noqa: E731
+
+    if self.recon_mode:
+      # Mode A: dense attention (padding excluded); the predictor only learns to reconstruct it.
+      logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) * scale
+      weights = _safe_softmax(logits, valid[:, None, None, :])
+      self.sow("intermediates", "unmasked_attn", weights)
+      out = jnp.einsum("bhqk,bkhd->bqhd", drop(weights).astype(v.dtype), v)
+      cls_weights = None
+    else:
+      # Mode B: each predicted row keeps its top-k columns of A^; padded keys are never chosen,
+      # and surplus slots (fewer real keys than k) are masked.
+      score = jnp.where(valid[:, None, None, :], approx, -jnp.inf)
+      _, selected = jax.lax.top_k(jax.lax.stop_gradient(score), k_att)   # [B, H, Nq, k]
+      selected_valid = jax.vmap(lambda m, i: m[i])(valid, selected)      # [B, H, Nq, k]
+      if self.path == "masked":
+        out, cls_weights = self._masked(q, k, v, valid, selected, selected_valid, scale, drop)
+      else:
+        out, cls_weights = self._gather(q, k, v, valid, selected, selected_valid, scale, drop,
+                                        not deterministic and self.dropout_rate > 0.0)
+
+    if self.token_keep_rate < 1.0:
+      if cls_weights is None:             # recon_mode: no pruning, as in the official code
+        keep = valid
+      else:
+        token_score = jnp.mean(cls_weights[:, :, 1:], axis=1)           # [B, N - 1]
+        token_score = jnp.where(valid[:, 1:], token_score, -jnp.inf)
+        _, kept = jax.lax.top_k(jax.lax.stop_gradient(token_score), token_budget)
+        kept_mask = jnp.zeros((batch, length - 1), bool).at[
+            jnp.arange(batch)[:, None], kept].set(True)
+        keep = jnp.concatenate([valid[:, :1], kept_mask & valid[:, 1:]], axis=1)
+      self.sow("intermediates", "token_keep_mask", keep)
+
+    return base.OutputProjection(
+        self.out_features or features, True, self.dtype, self.param_dtype, name="proj")(out)
+
+  def _masked(self, q, k, v, valid, selected, selected_valid, scale, drop):
+    """Official dense-then-mask attention. Returns (out [B, N, H, d], CLS-row weights or None)."""
+    batch, heads, rows, k_att = selected.shape
+    length = q.shape[1]
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) * scale   # [B, H, N, N]
+    flat = selected.reshape(-1, k_att)
+    allowed = jnp.zeros((flat.shape[0], length), bool).at[
+        jnp.arange(flat.shape[0])[:, None], flat].set(True)
+    allowed = allowed.reshape(batch, heads, rows, length) & valid[:, None, None, :]
+    if self.has_cls_token:                                  # the dense CLS row
+      cls_row = jnp.broadcast_to(valid[:, None, None, :], (batch, heads, 1, length))
+      allowed = jnp.concatenate([cls_row, allowed], axis=2)
+    self.sow("intermediates", "attn_mask", allowed)
+    weights = _safe_softmax(logits, allowed)
+    out = jnp.einsum("bhqk,bkhd->bqhd", drop(weights).astype(v.dtype), v)
+    return out, weights[:, :, 0] if self.has_cls_token else None
+
+  def _gather(self, q, k, v, valid, selected, selected_valid, scale, drop, dropout_active):
+    """Only the k selected keys per predicted row; the CLS row dense. Same result as _masked.
+
+    On the CPU (without attention dropout) the rows run in cache-sized steps with a custom
+    backward pass (``_chunked_rows_attention``); elsewhere in one batched gather.
+    """
+    self.sow("intermediates", "attn_indices",
+             jnp.where(selected_valid, selected, -1).astype(jnp.int32))
+    qh, kh, vh = (t.transpose(0, 2, 1, 3) for t in (q, k, v))               # [B, H, N, d]
+    args = (qh[:, :, 1:] if self.has_cls_token else qh, kh, vh, selected, selected_valid)
+    if dropout_active:
+      out = _rows_attention(*args, scale, drop=drop)
+    else:
+      out = jax.lax.platform_dependent(
+          *args, cpu=functools.partial(_cpu_rows_attention, scale=scale),
+          default=functools.partial(_rows_attention, scale=scale))          # [B, H, Nq, d]
+    cls_weights = None
+    if self.has_cls_token:
+      cls_logits = jnp.einsum("bhd,bhnd->bhn", qh[:, :, 0], kh).astype(jnp.float32) * scale
+      cls_weights = _safe_softmax(cls_logits, valid[:, None, :])             # [B, H, N]
+      cls_out = jnp.einsum("bhn,bhnd->bhd", drop(cls_weights).astype(v.dtype), vh)
+      out = jnp.concatenate([cls_out[:, :, None], out], axis=2)
+    return out.transpose(0, 2, 1, 3), cls_weights
