@@ -130,7 +130,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modu
       "loss": loss,
       "accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["targets"]),
       "learning_rate": schedule(state.step),
-      "grad_norm": optax.global_norm(grads),
+      "grad_norm": optax.tree.norm(grads),
   }
   return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
