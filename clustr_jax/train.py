@@ -5,7 +5,10 @@
   -> test -> ``results.json``.
 
 Everything it needs comes from ``config`` (an ``ml_collections.ConfigDict``, see
-``configs/lra/listops.py`` for every key); nothing below reads flags or global state. The step is
+``configs/lra/listops.py`` for every key); nothing below reads flags or global state. The data
+come from ``clustr_jax.data.get(config, workdir)`` (a ``Dataset``: train iterator, eval batches,
+the model's input keys and data-given model defaults), so any dataset family plugs in there. Targets
+are class ids [batch] or target distributions [batch, classes]. The step is
 ``jax.jit`` with input/output shardings over a ('data', 'fsdp', 'model') mesh and a donated state;
 each process feeds its own shard of the batch (``jax.make_array_from_process_local_data``).
 Outputs in ``workdir``: ``checkpoints/`` (Orbax), ``metrics.jsonl``, ``tensorboard/``,
@@ -35,8 +38,7 @@ from clustr_jax import metrics as metrics_lib
 from clustr_jax import models
 from clustr_jax import optim
 from clustr_jax import sharding
-from clustr_jax.data import listops
-from clustr_jax.data import pipeline
+from clustr_jax import data as data_lib
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -56,29 +58,6 @@ class TrainState:
 # ---------------------------------------------------------------------------------------------
 # Data.
 # ---------------------------------------------------------------------------------------------
-def load_dataset(config: ml_collections.ConfigDict,
-                 workdir: pathlib.Path) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, int]]:
-  """Loads the splits of ``config.dataset``, generating them first when asked.
-
-  Returns ({'train'|'val'|'test': {'inputs': int32 [n, max_length], 'targets': int32 [n]}},
-  {'vocab_size': int, 'num_classes': int}).
-
-  Raises:
-    ValueError: unknown dataset name. FileNotFoundError: data files missing (with the path).
-  """
-  ds = config.dataset
-  if ds.name != "listops":
-    raise ValueError(f"config.dataset.name={ds.name!r} unknown; valid: listops")
-  data_dir = pathlib.Path(ds.data_dir) if ds.data_dir else workdir / "data" / "listops"
-  if ds.generate and jax.process_index() == 0:
-    listops.ensure_generated(data_dir, task=ds.task, progress=True, **ds.generator.to_dict())
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    multihost_utils.sync_global_devices("dataset_ready")
-  splits = listops.load_splits(data_dir, ds.max_length, task=ds.task)
-  return splits, {"vocab_size": listops.VOCAB_SIZE, "num_classes": listops.NUM_CLASSES}
-
-
 def global_batch(local: dict[str, np.ndarray], mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
   """This process's batch shard (numpy) -> global arrays sharded on the batch axis."""
   batch_sharding = sharding.batch_sharding(mesh)
@@ -88,38 +67,62 @@ def global_batch(local: dict[str, np.ndarray], mesh: jax.sharding.Mesh) -> dict[
 # ---------------------------------------------------------------------------------------------
 # Model, state and steps.
 # ---------------------------------------------------------------------------------------------
-def create_model(config: ml_collections.ConfigDict, data_info: dict[str, int]) -> nn.Module:
-  """The model of ``config.model`` (its ``name`` plus constructor options) for the dataset."""
+def create_model(config: ml_collections.ConfigDict, model_kwargs: dict[str, Any]) -> nn.Module:
+  """The model of ``config.model`` (its ``name`` plus constructor options) for the dataset.
+
+  ``model_kwargs`` (``Dataset.model_kwargs``: e.g. vocab_size, num_classes, max_length) fill in
+  what ``config.model`` leaves unset.
+  """
   kwargs = config.model.to_dict()
   name = kwargs.pop("name")
   kwargs["dtype"] = DTYPES[kwargs.get("dtype", "float32")]
-  kwargs.setdefault("vocab_size", data_info["vocab_size"])
-  kwargs.setdefault("num_classes", data_info["num_classes"])
-  kwargs.setdefault("max_length", config.dataset.max_length)
+  for key, value in model_kwargs.items():
+    kwargs.setdefault(key, value)
   return models.get(name, **kwargs)
 
 
 def create_train_state(model: nn.Module, tx: optax.GradientTransformation, rng: jax.Array,
-                       sample_inputs: jax.Array) -> TrainState:
-  """Initial state with logically partitioned (boxed) parameters and optimizer state."""
-  params = model.init({"params": rng, "dropout": rng}, sample_inputs, train=False)["params"]
+                       *sample_inputs: jax.Array) -> TrainState:
+  """Initial state with logically partitioned (boxed) parameters and optimizer state.
+
+  ``sample_inputs`` are the model's positional inputs (``Dataset.input_keys``) for one batch.
+  """
+  params = model.init({"params": rng, "dropout": rng}, *sample_inputs, train=False)["params"]
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
 
 def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
-  """Per-example softmax cross-entropy: logits [batch, classes], int targets [batch] -> [batch]."""
-  return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
+  """Per-example softmax cross-entropy -> float32 [batch].
+
+  Args:
+    logits: [batch, classes].
+    targets: int class ids [batch], or float target distributions [batch, classes] (one-hot,
+      label-smoothed or mixed, e.g. by mixup/cutmix).
+  """
+  logits = logits.astype(jnp.float32)
+  if targets.ndim == logits.ndim:
+    return optax.softmax_cross_entropy(logits, targets.astype(jnp.float32))
+  return optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+
+
+def correct(logits: jax.Array, targets: jax.Array) -> jax.Array:
+  """float32 [batch]: 1 where the top logit is the target class (the top target class for
+  distributions), else 0."""
+  if targets.ndim == logits.ndim:
+    targets = jnp.argmax(targets, -1)
+  return (jnp.argmax(logits, -1) == targets).astype(jnp.float32)
 
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Module,
-               tx: optax.GradientTransformation, schedule: optax.Schedule,
-               rng: jax.Array) -> tuple[TrainState, dict[str, jax.Array]]:
-  """One optimizer update on ``batch`` ({'inputs', 'targets'}); returns (state, metrics)."""
+               tx: optax.GradientTransformation, schedule: optax.Schedule, rng: jax.Array,
+               input_keys: tuple[str, ...] = ("inputs",)
+               ) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One optimizer update on ``batch`` (``input_keys`` and 'targets'); returns (state, metrics)."""
   step_rng = jax.random.fold_in(rng, state.step)
   dropout_rng, clustering_rng = jax.random.split(step_rng)
 
   def loss_fn(params):
-    logits = model.apply({"params": params}, batch["inputs"], train=True,
+    logits = model.apply({"params": params}, *(batch[k] for k in input_keys), train=True,
                          rngs={"dropout": dropout_rng, "clustering": clustering_rng})
     return cross_entropy(logits, batch["targets"]).mean(), logits
 
@@ -128,30 +131,30 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modu
   params = optax.apply_updates(state.params, updates)
   metrics = {
       "loss": loss,
-      "accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["targets"]),
+      "accuracy": jnp.mean(correct(logits, batch["targets"])),
       "learning_rate": schedule(state.step),
       "grad_norm": optax.tree.norm(grads),
   }
   return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
-def eval_step(params: Any, batch: dict[str, jax.Array], *,
-              model: nn.Module) -> dict[str, jax.Array]:
-  """Sums over a padded eval batch ({'inputs', 'targets', 'weights'}): loss, correct, count."""
-  logits = model.apply({"params": params}, batch["inputs"], train=False)
+def eval_step(params: Any, batch: dict[str, jax.Array], *, model: nn.Module,
+              input_keys: tuple[str, ...] = ("inputs",)) -> dict[str, jax.Array]:
+  """Sums over a padded eval batch (``input_keys``, 'targets', 'weights'): loss, correct, count."""
+  logits = model.apply({"params": params}, *(batch[k] for k in input_keys), train=False)
   weights = batch["weights"]
-  correct = (jnp.argmax(logits, -1) == batch["targets"]).astype(jnp.float32)
   return {"loss": jnp.sum(cross_entropy(logits, batch["targets"]) * weights),
-          "correct": jnp.sum(correct * weights), "count": jnp.sum(weights)}
+          "correct": jnp.sum(correct(logits, batch["targets"]) * weights),
+          "count": jnp.sum(weights)}
 
 
-def evaluate(step_fn, params: Any, arrays: dict[str, np.ndarray], *, batch_size: int,
+def evaluate(step_fn, params: Any, dataset: data_lib.Dataset, split: str, *, batch_size: int,
              mesh: jax.sharding.Mesh) -> dict[str, float]:
   """Loss and accuracy over a whole split (every example exactly once)."""
   totals = None
-  for local in pipeline.eval_batches(arrays, batch_size=batch_size,
-                                     shard_index=jax.process_index(),
-                                     shard_count=jax.process_count()):
+  for local in dataset.eval_batches(split, batch_size=batch_size,
+                                    shard_index=jax.process_index(),
+                                    shard_count=jax.process_count()):
     sums = step_fn(params, global_batch(local, mesh))
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
   totals = jax.device_get(totals)
@@ -199,27 +202,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
                jax.process_count())
 
   # Data.
-  splits, data_info = load_dataset(config, workdir)
+  dataset = data_lib.get(config, workdir)
   local_batch_size = config.batch_size // jax.process_count()
-  train_iter = pipeline.train_iterator(
-      splits["train"], batch_size=local_batch_size, seed=config.seed,
-      shard_index=jax.process_index(), shard_count=jax.process_count(),
-      worker_count=config.get("data_workers", 0))
+  train_iter = dataset.train_iterator(
+      batch_size=local_batch_size, seed=config.seed, shard_index=jax.process_index(),
+      shard_count=jax.process_count(), worker_count=config.get("data_workers", 0))
+  input_keys = tuple(dataset.input_keys)
 
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
     # Model and optimizer.
-    model = create_model(config, data_info)
+    model = create_model(config, dict(dataset.model_kwargs))
     tx, schedule = optim.create_optimizer(config)
     rng = jax.random.key(config.seed)
     init_rng, step_rng = jax.random.split(rng)
-    sample = jnp.zeros((config.batch_size, config.dataset.max_length), jnp.int32)
+    sample = tuple(jnp.zeros((config.batch_size, *shape), dtype)
+                   for shape, dtype in (dataset.example_spec[k] for k in input_keys))
 
     # Sharded state: shardings from the logical axis names of the boxed abstract state.
     init_fn = functools.partial(create_train_state, model, tx)
-    abstract_boxed = jax.eval_shape(init_fn, init_rng, sample)
+    abstract_boxed = jax.eval_shape(init_fn, init_rng, *sample)
     state_sharding = sharding.logical_to_sharding(abstract_boxed, mesh)
-    state = jax.jit(lambda r, x: nn.unbox(init_fn(r, x)), out_shardings=state_sharding)(
-        init_rng, sample)
+    state = jax.jit(lambda r, *x: nn.unbox(init_fn(r, *x)), out_shardings=state_sharding)(
+        init_rng, *sample)
     num_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.params))
     logging.info("Model %s with attention %r: %d parameters", config.model.name,
                  config.model.get("attention"), num_params)
@@ -238,14 +242,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     # Steps.
     batch_in = sharding.batch_sharding(mesh)
     p_train_step = jax.jit(
-        functools.partial(train_step, model=model, tx=tx, schedule=schedule, rng=step_rng),
+        functools.partial(train_step, model=model, tx=tx, schedule=schedule, rng=step_rng,
+                          input_keys=input_keys),
         in_shardings=(state_sharding, batch_in),
         out_shardings=(state_sharding, sharding.replicated(mesh)), donate_argnums=0)
-    p_eval_step = jax.jit(functools.partial(eval_step, model=model),
+    p_eval_step = jax.jit(functools.partial(eval_step, model=model, input_keys=input_keys),
                           in_shardings=(state_sharding.params, batch_in),
                           out_shardings=sharding.replicated(mesh))
-    run_eval = functools.partial(evaluate, p_eval_step, batch_size=config.eval_batch_size,
-                                 mesh=mesh)
+    run_eval = functools.partial(evaluate, p_eval_step, dataset=dataset,
+                                 batch_size=config.eval_batch_size, mesh=mesh)
 
     writer = metrics_lib.MetricWriter(workdir)
     val_metrics: dict[str, float] = {}
@@ -270,7 +275,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
         progress.update(1)
         t0 = time.time()
         if step % config.eval_every_steps == 0 or step == config.num_train_steps:
-          val_metrics = run_eval(state.params, splits["val"])
+          val_metrics = run_eval(state.params, split="val")
           writer.write(step, "val", val_metrics)
         ckpt.save(step, state, train_iter, force=step == config.num_train_steps)
         excluded_time += time.time() - t0
@@ -284,8 +289,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     # Test.
     final_step = int(jax.device_get(state.step))
     if not val_metrics:
-      val_metrics = run_eval(state.params, splits["val"])
-    test_metrics = run_eval(state.params, splits["test"])
+      val_metrics = run_eval(state.params, split="val")
+    test_metrics = run_eval(state.params, split="test")
     writer.write(final_step, "test", test_metrics)
     writer.close()
 

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from clustr_jax import config_utils
+from clustr_jax import data as data_lib
 from clustr_jax import optim
 from clustr_jax import sharding
 from clustr_jax import train
@@ -42,7 +43,7 @@ def read_train_losses(workdir):
 
 def test_step_on_1_and_8_devices_gives_the_same_loss():
   config = tiny_config()
-  model = train.create_model(config, {"vocab_size": 17, "num_classes": 10})
+  model = train.create_model(config, {"vocab_size": 17, "num_classes": 10, "max_length": 32})
   tx, schedule = optim.create_optimizer(config)
   rng = np.random.default_rng(0)
   batch = {"inputs": rng.integers(0, 17, (8, 32)).astype(np.int32),
@@ -128,3 +129,29 @@ def test_lra_schedule_matches_formula():
   np.testing.assert_allclose(cosine(60), 0.5 * (1 + np.cos(np.pi * 0.5)), rtol=1e-6)
   with pytest.raises(ValueError, match="unknown"):
     optim.create_learning_rate_schedule("constant*bogus", 1.0, 10, 100)
+
+
+def test_soft_targets_match_class_ids():
+  logits = jnp.asarray(np.random.default_rng(0).normal(size=(4, 5)), jnp.float32)
+  ids = jnp.asarray([0, 3, 4, 1])
+  one_hot = jax.nn.one_hot(ids, 5)
+  np.testing.assert_allclose(train.cross_entropy(logits, one_hot),
+                             train.cross_entropy(logits, ids), rtol=1e-6)
+  np.testing.assert_array_equal(train.correct(logits, one_hot), train.correct(logits, ids))
+
+
+def test_dataset_errors_name_the_problem(tmp_path):
+  config = tiny_config(2)
+  config.dataset.name = "bogus"
+  with pytest.raises(ValueError, match="config.dataset.name='bogus' unknown; valid: listops"):
+    data_lib.get(config, tmp_path)
+  arrays = {"inputs": np.zeros((4, 3), np.int32), "targets": np.zeros((4,), np.int32)}
+  with pytest.raises(ValueError, match="no 'train' split"):
+    data_lib.ArrayDataset({"val": arrays})
+  with pytest.raises(ValueError, match=r"split 'val' lacks key\(s\) \['inputs2'\]"):
+    data_lib.ArrayDataset({"train": {**arrays, "inputs2": arrays["inputs"]}, "val": arrays},
+                          input_keys=("inputs", "inputs2"))
+  dataset = data_lib.ArrayDataset({"train": arrays, "val": arrays})
+  assert dataset.example_spec == {"inputs": ((3,), np.int32), "targets": ((), np.int32)}
+  with pytest.raises(KeyError, match="split 'test' unknown; valid: val"):
+    dataset.eval_batches("test", batch_size=2)

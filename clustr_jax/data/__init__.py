@@ -2,4 +2,138 @@
 
 ``listops``  the LRA ListOps generator, tokenizer, evaluator and TSV reader.
 ``pipeline`` deterministic, per-process sharded, checkpointable Grain train and eval iterators.
+
+The train loop sees a dataset only through ``get(config, workdir) -> Dataset`` (below): a dataset
+family module registered in ``_REGISTRY`` defines ``load_dataset(config, workdir) -> Dataset``.
+Adding a family: one module with that function and one line in ``_REGISTRY``.
 """
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import pathlib
+from collections.abc import Iterator, Mapping
+from typing import Any, Protocol
+
+import grain
+import ml_collections
+import numpy as np
+
+from clustr_jax.data import pipeline
+
+# config.dataset.name -> module defining load_dataset(config, workdir). Imported lazily.
+_REGISTRY: dict[str, str] = {
+    "listops": "clustr_jax.data.listops",
+}
+
+
+class Dataset(Protocol):
+  """What the train loop needs from a dataset (``train.train_and_evaluate``).
+
+  Attributes:
+    input_keys: the batch keys passed to the model, in order:
+      ``model.apply(variables, *(batch[k] for k in input_keys), train=...)``.
+    example_spec: ``{key: (shape, dtype)}`` of one example for every batch key the train
+      iterator yields (the model's inputs and ``'targets'``); used to build the model.
+    model_kwargs: constructor defaults the data decides (e.g. ``vocab_size``, ``num_classes``,
+      ``max_length``); the config's ``model`` section overrides them.
+    eval_splits: the splits ``eval_batches`` serves; the loop validates on ``'val'`` during
+      training and tests on ``'test'`` at the end.
+  """
+  input_keys: tuple[str, ...]
+  example_spec: Mapping[str, tuple[tuple[int, ...], Any]]
+  model_kwargs: Mapping[str, Any]
+  eval_splits: tuple[str, ...]
+
+  def train_iterator(self, *, batch_size: int, seed: int, shard_index: int, shard_count: int,
+                     worker_count: int) -> grain.DatasetIterator:
+    """Endless, checkpointable iterator of this process's training batches (``get_state`` /
+    ``set_state``): ``{key: array [batch_size, ...]}``."""
+
+  def eval_batches(self, split: str, *, batch_size: int, shard_index: int,
+                   shard_count: int) -> Iterator[dict[str, np.ndarray]]:
+    """This process's part of every batch of ``split``, each example once, plus a float32
+    ``'weights'`` key (1 real row, 0 padding); the same number of batches on every process."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ArrayDataset:
+  """A ``Dataset`` held in memory as numpy arrays (every LRA task): ``pipeline`` does the rest.
+
+  Args:
+    splits: ``{'train'|'val'|'test'|...: {key: array [n, ...]}}``, every split with the same keys,
+      ``'targets'`` among them.
+    input_keys: the model's input keys, e.g. ``('inputs',)`` or ``('inputs1', 'inputs2')``.
+    model_kwargs: see ``Dataset``.
+
+  Raises:
+    ValueError: no 'train' split, a split without 'targets' or an input key, or splits whose keys
+      differ.
+  """
+  splits: Mapping[str, Mapping[str, np.ndarray]]
+  input_keys: tuple[str, ...] = ("inputs",)
+  model_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+  def __post_init__(self):
+    if "train" not in self.splits:
+      raise ValueError(f"ArrayDataset: no 'train' split; got splits {sorted(self.splits)}")
+    keys = set(self.splits["train"])
+    for split, arrays in self.splits.items():
+      missing = sorted({"targets", *self.input_keys} - set(arrays))
+      if missing:
+        raise ValueError(f"ArrayDataset: split {split!r} lacks key(s) {missing}; has "
+                         f"{sorted(arrays)}")
+      if set(arrays) != keys:
+        raise ValueError(f"ArrayDataset: split {split!r} has keys {sorted(arrays)}, 'train' has "
+                         f"{sorted(keys)}")
+
+  @property
+  def example_spec(self) -> dict[str, tuple[tuple[int, ...], Any]]:
+    return {k: (tuple(v.shape[1:]), v.dtype) for k, v in self.splits["train"].items()}
+
+  @property
+  def eval_splits(self) -> tuple[str, ...]:
+    return tuple(s for s in self.splits if s != "train")
+
+  def train_iterator(self, *, batch_size: int, seed: int, shard_index: int = 0,
+                     shard_count: int = 1, worker_count: int = 0) -> grain.DatasetIterator:
+    """``pipeline.train_iterator`` over the train split."""
+    return pipeline.train_iterator(self.splits["train"], batch_size=batch_size, seed=seed,
+                                   shard_index=shard_index, shard_count=shard_count,
+                                   worker_count=worker_count)
+
+  def eval_batches(self, split: str, *, batch_size: int, shard_index: int = 0,
+                   shard_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
+    """``pipeline.eval_batches`` over ``split``.
+
+    Raises:
+      KeyError: ``split`` is not one of ``eval_splits``.
+    """
+    if split not in self.eval_splits:
+      raise KeyError(f"split {split!r} unknown; valid: {', '.join(self.eval_splits)}")
+    return pipeline.eval_batches(self.splits[split], batch_size=batch_size,
+                                 shard_index=shard_index, shard_count=shard_count)
+
+
+def names() -> tuple[str, ...]:
+  """The registered dataset names (``config.dataset.name``)."""
+  return tuple(_REGISTRY)
+
+
+def get(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> Dataset:
+  """Loads the dataset that ``config.dataset`` describes (generating or preparing it if asked).
+
+  Args:
+    config: the whole run config; ``config.dataset.name`` picks the family.
+    workdir: the run's directory (default place for generated data).
+
+  Raises:
+    ValueError: unknown ``config.dataset.name`` (the message lists the valid names); the
+      family's own errors (missing files with their paths, malformed records with file and line).
+  """
+  name = config.dataset.name
+  if name not in _REGISTRY:
+    raise ValueError(f"config.dataset.name={name!r} unknown; valid: {', '.join(_REGISTRY)}")
+  module = importlib.import_module(_REGISTRY[name])
+  return module.load_dataset(config, pathlib.Path(workdir))

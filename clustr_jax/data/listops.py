@@ -49,6 +49,8 @@ import numpy as np
 from absl import logging
 from tqdm import tqdm
 
+from clustr_jax import data as data_lib
+
 OPERATORS = ("[MIN", "[MAX", "[MED", "[SM")
 DIGITS = tuple(str(d) for d in range(10))
 END = "]"
@@ -578,6 +580,34 @@ def load_splits(data_dir: str | os.PathLike, max_length: int,
     raise FileNotFoundError(f"ListOps '{task}' files missing: {', '.join(missing)} (generate "
                             f"them with `python -m clustr_jax.data.listops --output_dir=...`)")
   return {split: read_tsv(path, max_length) for split, path in paths.items()}
+
+
+def load_dataset(config, workdir: pathlib.Path) -> data_lib.ArrayDataset:
+  """The train loop's ListOps dataset (``clustr_jax.data.get``) from ``config.dataset``.
+
+  Reads ``{task}_{train,val,test}.tsv`` from ``config.dataset.data_dir`` (default
+  ``<workdir>/data/listops``), first generating them on process 0 with
+  ``config.dataset.generator`` when ``config.dataset.generate`` is set.
+
+  Returns:
+    An ``ArrayDataset`` of ``{'inputs': int32 [n, max_length], 'targets': int32 [n]}`` per split,
+    with model defaults ``vocab_size``, ``num_classes`` and ``max_length``.
+
+  Raises:
+    FileNotFoundError, ValueError: as ``load_splits`` and ``ensure_generated``.
+  """
+  import jax  # pylint: disable=g-import-not-at-top  (the generator and reader need no JAX)
+  ds = config.dataset
+  data_dir = pathlib.Path(ds.data_dir) if ds.data_dir else workdir / "data" / "listops"
+  if ds.generate and jax.process_index() == 0:
+    ensure_generated(data_dir, task=ds.task, progress=True, **ds.generator.to_dict())
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices("dataset_ready")
+  return data_lib.ArrayDataset(
+      load_splits(data_dir, ds.max_length, task=ds.task),
+      model_kwargs={"vocab_size": VOCAB_SIZE, "num_classes": NUM_CLASSES,
+                    "max_length": ds.max_length})
 
 
 # ---------------------------------------------------------------------------------------------
