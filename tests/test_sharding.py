@@ -143,3 +143,29 @@ def test_shapes_that_do_not_divide_the_mesh_name_the_key():
     with pytest.raises(ValueError, match=r"\['kernel'\] of shape \(16, 1, 16\).*"
                                          r"dimension 1 \(size 1\).*config.mesh.model=2"):
       sharding.check_divisible(boxed, sharding.logical_to_sharding(boxed, mesh))
+
+
+def test_gradient_accumulation_matches_the_large_batch_with_clipping(setup):
+  config, _, _, state, batch = setup
+  batch = {k: jnp.asarray(v) for k, v in batch.items()}
+  config = config.copy_and_resolve_references()
+  config.model.update(dropout_rate=0.0, attention_dropout_rate=0.0)
+  config.update(optimizer="sgd", weight_decay=0.0, grad_clip_norm=0.5, learning_rate=1.0,
+                schedule="constant")
+  model = train.create_model(config, MODEL_KWARGS)
+  results = []
+  for k in (1, 4):
+    config.grad_accum_steps = k
+    tx, schedule = optim.create_optimizer(config)
+    start = state.replace(opt_state=tx.init(state.params))
+    step = jax.jit(functools.partial(train.train_step, model=model, tx=tx, schedule=schedule,
+                                     rng=jax.random.key(1), grad_accum_steps=k))
+    new_state, metrics = step(start, batch)
+    results.append((jax.device_get(new_state.params), jax.device_get(metrics)))
+  (params_1, metrics_1), (params_4, metrics_4) = results
+  assert metrics_1["grad_norm"] > 0.5  # The clip is active.
+  for key in ("loss", "accuracy", "grad_norm"):
+    assert metrics_4[key] == pytest.approx(metrics_1[key], rel=1e-5), key
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), params_1, params_4)
+  moved = jax.tree.map(lambda a, b: np.abs(a - b).max(), params_4, state.params)
+  assert max(jax.tree.leaves(moved)) > 1e-3  # One real update, not a no-op.
