@@ -247,3 +247,21 @@ def test_skipping_stops_after_max_nonfinite_steps():
     train.check_finite(records, config, Ckpt)
   config.max_nonfinite_steps = 3
   train.check_finite(records, config, Ckpt)
+
+
+def test_command_line_accepts_defaults_missing_from_the_file_and_rejects_typos():
+  from absl import app  # pylint: disable=g-import-not-at-top
+  from clustr_jax import main  # pylint: disable=g-import-not-at-top
+  file_config = tiny_config(2)
+  del file_config["grad_clip_norm"]
+  main.check_overrides(file_config, {"grad_accum_steps": 4, "grad_clip_norm": 1.0,
+                                     "model.dtype": "bfloat16", "mesh.fsdp": 2}, "x.py")
+  with pytest.raises(app.UsageError, match=r"--config.grad_acum_steps: unknown config key "
+                                           r"\(not in x.py"):
+    main.check_overrides(file_config, {"grad_acum_steps": 4}, "x.py")
+  with pytest.raises(app.UsageError, match=r"--config.model.bogus: unknown"):
+    main.check_overrides(file_config, {"model.bogus": 1}, "x.py")
+  config = train.defaults.with_defaults(file_config)
+  assert config.grad_accum_steps == 1 and config.on_nonfinite == "stop"
+  assert config.grad_clip_norm is None and config.mesh.to_dict() == dict(data=-1, fsdp=1, model=1)
+  assert "grad_accum_steps" not in file_config  # The config itself is unchanged.
