@@ -1,18 +1,22 @@
 """One training loop for every model and task, read top to bottom.
 
 ``train_and_evaluate(config, workdir)``:
-  mesh -> data -> model + optimizer -> sharded state -> restore -> step loop (log, eval, save)
-  -> test -> ``results.json``.
+  defaults -> mesh -> validate -> data -> model + optimizer -> sharded state -> restore
+  -> step loop (log with MFU, check finiteness, eval, save, preemption) -> test -> ``results.json``.
 
 Everything it needs comes from ``config`` (an ``ml_collections.ConfigDict``, see
-``configs/lra/listops.py`` for every key); nothing below reads flags or global state. The data
-come from ``clustr_jax.data.get(config, workdir)`` (a ``Dataset``: train iterator, eval batches,
-the model's input keys and data-given model defaults), so any dataset family plugs in there. Targets
-are class ids [batch] or target distributions [batch, classes]. The step is
-``jax.jit`` with input/output shardings over a ('data', 'fsdp', 'model') mesh and a donated state;
-each process feeds its own shard of the batch (``jax.make_array_from_process_local_data``).
+``configs/lra/listops.py``; every optional train-loop key has its default and documentation in
+``clustr_jax/defaults.py``); nothing below reads flags or global state. The data come from
+``clustr_jax.data.get(config, workdir)`` (a ``Dataset``: train iterator, eval batches, the model's
+input keys and data-given model defaults), so any dataset family plugs in there. Targets are class
+ids [batch] or target distributions [batch, classes]. The step is ``jax.jit`` with input/output
+shardings over a ('data', 'fsdp', 'model') mesh and a donated state, compiled ahead of time on
+the first batch (XLA's FLOP count feeds the MFU estimate); each process feeds its own shard of the
+batch (``jax.make_array_from_process_local_data``). ``grad_accum_steps`` splits the batch into
+micro-batches accumulated by ``optax.MultiSteps``; a non-finite loss or gradient stops the run
+before any later checkpoint (or is skipped and counted); SIGTERM saves and returns.
 Outputs in ``workdir``: ``checkpoints/`` (Orbax), ``metrics.jsonl``, ``tensorboard/``,
-``results.json``.
+``profile/`` (if tracing), ``results.json``.
 """
 
 from __future__ import annotations
