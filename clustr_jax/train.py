@@ -101,6 +101,39 @@ def create_train_state(model: nn.Module, tx: optax.GradientTransformation, rng: 
                     nonfinite_steps=jnp.zeros((), jnp.int32))
 
 
+def init_sharded_state(model: nn.Module, tx: optax.GradientTransformation, rng: jax.Array,
+                       mesh: jax.sharding.Mesh, *sample_inputs: jax.Array
+                       ) -> tuple[TrainState, Any, Any]:
+  """The initial state, placed on ``mesh`` by the logical axis rules of its parameters.
+
+  Call inside ``jax.set_mesh(mesh)`` and ``nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES)``.
+
+  Returns:
+    (state, its tree of ``NamedSharding``, the boxed abstract state with the logical names).
+
+  Raises:
+    ValueError: a sharded parameter dimension that the mesh does not divide
+      (``sharding.check_divisible``, naming the parameter and the ``config.mesh`` key).
+  """
+  init_fn = functools.partial(create_train_state, model, tx)
+  boxed = jax.eval_shape(init_fn, rng, *sample_inputs)
+  state_sharding = sharding.logical_to_sharding(boxed, mesh)
+  sharding.check_divisible(boxed, state_sharding)
+  state = jax.jit(lambda r, *x: nn.unbox(init_fn(r, *x)), out_shardings=state_sharding)(
+      rng, *sample_inputs)
+  return state, state_sharding, boxed
+
+
+def jit_train_step(state_sharding: Any, mesh: jax.sharding.Mesh, *, donate: bool = True,
+                   **step_kwargs: Any):
+  """``train_step`` with ``step_kwargs`` bound, jitted with the state's shardings, the batch
+  sharded over ('data', 'fsdp'), replicated metrics and (``donate``) a donated state."""
+  return jax.jit(functools.partial(train_step, **step_kwargs),
+                 in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
+                 out_shardings=(state_sharding, sharding.replicated(mesh)),
+                 donate_argnums=0 if donate else ())
+
+
 def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
   """Per-example softmax cross-entropy -> float32 [batch].
 
@@ -368,12 +401,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
                    for shape, dtype in (dataset.example_spec[k] for k in input_keys))
 
     # Sharded state: shardings from the logical axis names of the boxed abstract state.
-    init_fn = functools.partial(create_train_state, model, tx)
-    abstract_boxed = jax.eval_shape(init_fn, init_rng, *sample)
-    state_sharding = sharding.logical_to_sharding(abstract_boxed, mesh)
-    sharding.check_divisible(abstract_boxed, state_sharding)
-    state = jax.jit(lambda r, *x: nn.unbox(init_fn(r, *x)), out_shardings=state_sharding)(
-        init_rng, *sample)
+    state, state_sharding, _ = init_sharded_state(model, tx, init_rng, mesh, *sample)
     num_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.params))
     logging.info("Model %s with attention %r: %d parameters", config.model.name,
                  config.model.get("attention"), num_params)
@@ -393,12 +421,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     # Steps. The train step is compiled ahead of time on the first batch, which also gives
     # XLA's FLOP count for the MFU estimate.
     batch_in = sharding.batch_sharding(mesh)
-    jit_train_step = jax.jit(
-        functools.partial(train_step, model=model, tx=tx, schedule=schedule, rng=step_rng,
-                          input_keys=input_keys, grad_accum_steps=config.grad_accum_steps,
-                          skip_nonfinite=config.on_nonfinite == "skip"),
-        in_shardings=(state_sharding, batch_in),
-        out_shardings=(state_sharding, sharding.replicated(mesh)), donate_argnums=0)
+    jitted_step = jit_train_step(
+        state_sharding, mesh, model=model, tx=tx, schedule=schedule, rng=step_rng,
+        input_keys=input_keys, grad_accum_steps=config.grad_accum_steps,
+        skip_nonfinite=config.on_nonfinite == "skip")
     p_train_step, step_flops = None, None
     peak_flops = profiling.peak_flops_per_device(jax.devices()[0], config.peak_flops_per_device)
     p_eval_step = jax.jit(functools.partial(eval_step, model=model, input_keys=input_keys),
@@ -421,7 +447,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
       for step in range(start_step + 1, config.num_train_steps + 1):
         batch = global_batch(next(train_iter), mesh)
         if p_train_step is None:
-          p_train_step = jit_train_step.lower(state, batch).compile()
+          p_train_step = jitted_step.lower(state, batch).compile()
           step_flops = profiling.compiled_flops(p_train_step)
           interval_start = time.time()
         tracer.before_step(step, state)

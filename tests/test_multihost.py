@@ -1,7 +1,6 @@
 """Multi-host: 2 local processes x 4 fake CPU devices (jax.distributed on 127.0.0.1) give the loss
 and parameters of 1 process x 8 devices, and the whole train loop runs across them."""
 
-import functools
 import json
 import os
 import pathlib
@@ -62,20 +61,14 @@ def two_steps():
            "targets": rng.integers(0, 10, (16,)).astype(np.int32)}
   mesh = sharding.create_mesh(*MESH)
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
-    init_fn = functools.partial(train.create_train_state, model, tx)
-    sample = jnp.zeros((16, 32), jnp.int32)
-    state_sharding = sharding.logical_to_sharding(
-        jax.eval_shape(init_fn, jax.random.key(0), sample), mesh)
-    state = jax.jit(lambda r, x: nn.unbox(init_fn(r, x)), out_shardings=state_sharding)(
-        jax.random.key(0), sample)
+    state, state_sharding, _ = train.init_sharded_state(
+        model, tx, jax.random.key(0), mesh, jnp.zeros((16, 32), jnp.int32))
     rows = [index[0] for index in sharding.batch_sharding(mesh).addressable_devices_indices_map(
         (16,)).values()]
     start, stop = min(r.start for r in rows), max(r.stop for r in rows)
     local = {k: v[start:stop] for k, v in batch.items()}
-    step = jax.jit(functools.partial(train.train_step, model=model, tx=tx, schedule=schedule,
-                                     rng=jax.random.key(1)),
-                   in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
-                   out_shardings=(state_sharding, sharding.replicated(mesh)))
+    step = train.jit_train_step(state_sharding, mesh, model=model, tx=tx, schedule=schedule,
+                                rng=jax.random.key(1))
     for _ in range(2):
       state, metrics = step(state, train.global_batch(local, mesh))
     checksum = jax.jit(lambda p: sum(jnp.abs(x).sum() for x in jax.tree.leaves(p)),

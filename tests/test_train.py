@@ -1,6 +1,5 @@
 """The train loop: sharded steps, checkpoint/resume with the data order, results.json."""
 
-import functools
 import json
 import pathlib
 
@@ -13,6 +12,7 @@ import pytest
 from clustr_jax import config_utils
 from clustr_jax import data as data_lib
 from clustr_jax import optim
+from clustr_jax import profiling
 from clustr_jax import sharding
 from clustr_jax import train
 
@@ -52,16 +52,10 @@ def test_step_on_1_and_8_devices_gives_the_same_loss():
   for devices in (jax.devices()[:1], jax.devices()[:8]):
     mesh = sharding.create_mesh(devices=devices)
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
-      init_fn = functools.partial(train.create_train_state, model, tx)
-      sample = jnp.zeros((8, 32), jnp.int32)
-      state_sharding = sharding.logical_to_sharding(
-          jax.eval_shape(init_fn, jax.random.key(0), sample), mesh)
-      state = jax.jit(lambda r, x: nn.unbox(init_fn(r, x)), out_shardings=state_sharding)(
-          jax.random.key(0), sample)
-      step = jax.jit(functools.partial(train.train_step, model=model, tx=tx, schedule=schedule,
-                                       rng=jax.random.key(1)),
-                     in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
-                     out_shardings=(state_sharding, sharding.replicated(mesh)))
+      state, state_sharding, _ = train.init_sharded_state(
+          model, tx, jax.random.key(0), mesh, jnp.zeros((8, 32), jnp.int32))
+      step = train.jit_train_step(state_sharding, mesh, donate=False, model=model, tx=tx,
+                                  schedule=schedule, rng=jax.random.key(1))
       global_batch = train.global_batch(batch, mesh)
       assert len(global_batch["inputs"].sharding.device_set) == len(devices)
       for _ in range(2):
@@ -91,9 +85,14 @@ def test_resume_continues_with_the_same_data_order(tmp_path):
                              json.loads((full / "results.json").read_text())["test"]["accuracy"])
 
 
-def test_results_json(tmp_path):
+def test_results_json_profile_and_mfu(tmp_path):
   config = tiny_config(2)
+  config.update(profile_start_step=2, profile_num_steps=1, peak_flops_per_device=1e12)
   results = train.train_and_evaluate(config, tmp_path)
+  assert list((tmp_path / "profile").rglob("*.xplane.pb"))
+  train_lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()
+                 if json.loads(l)["split"] == "train"]
+  assert all(0 < l["mfu"] < 1 and l["step_time_s"] > 0 for l in train_lines)
   saved = json.loads((tmp_path / "results.json").read_text())
   assert saved["step"] == 2 and saved["num_train_steps"] == 2
   assert saved["test"]["num_examples"] == 20 and saved["val"]["num_examples"] == 20
@@ -180,7 +179,7 @@ def test_config_validation_names_the_key_and_the_choices(tmp_path):
 
 
 def nan_dataset(num_steps=6):
-  """(ArrayDataset with NaN soft targets in one example, the steps < num_steps whose batch holds it).
+  """(ArrayDataset with NaN soft targets in one example, the steps <= num_steps serving it).
 
   The example is one the seeded train iterator (batch 8, seed 0) first serves at step 3, 4 or 5.
   """
@@ -265,3 +264,17 @@ def test_command_line_accepts_defaults_missing_from_the_file_and_rejects_typos()
   assert config.grad_accum_steps == 1 and config.on_nonfinite == "stop"
   assert config.grad_clip_norm is None and config.mesh.to_dict() == dict(data=-1, fsdp=1, model=1)
   assert "grad_accum_steps" not in file_config  # The config itself is unchanged.
+
+
+def test_peak_flops_and_mfu():
+  class Device:
+    device_kind = "TPU v5 lite"
+
+  assert profiling.peak_flops_per_device(Device()) == 197e12
+  Device.device_kind = "cpu"
+  assert profiling.peak_flops_per_device(Device()) is None
+  assert profiling.peak_flops_per_device(Device(), 2e12) == 2e12
+  with pytest.raises(ValueError, match="config.peak_flops_per_device must be > 0"):
+    profiling.peak_flops_per_device(Device(), 0.0)
+  assert profiling.mfu(1e12, 0.5, 4e12) == pytest.approx(0.5)
+  assert profiling.mfu(None, 0.5, 4e12) is None and profiling.mfu(1e12, 0.5, None) is None

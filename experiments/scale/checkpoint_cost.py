@@ -97,8 +97,8 @@ def main() -> None:
   output.parent.mkdir(parents=True, exist_ok=True)
   machine = (f"{jax.device_count()} {jax.default_backend()} device(s), {os.cpu_count()} CPU "
              f"cores, {platform.processor() or platform.machine()}, local disk, "
-             f"jax {jax.__version__}, 1-min load average {os.getloadavg()[0]:.1f} (cores shared with "
-             f"other jobs)")
+             f"jax {jax.__version__}, 1-min load average {os.getloadavg()[0]:.1f} "
+             f"(cores shared with other jobs)")
   output.with_suffix(".json").write_text(json.dumps({"machine": machine, "rows": rows},
                                                     indent=2) + "\n")
   lines = [

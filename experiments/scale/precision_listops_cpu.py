@@ -60,7 +60,8 @@ def main() -> None:
   output.parent.mkdir(parents=True, exist_ok=True)
   machine = (f"{jax.device_count()} {jax.default_backend()} device(s), {os.cpu_count()} CPU "
              f"cores, {platform.processor() or platform.machine()}, jax {jax.__version__}, "
-             f"1-min load average {os.getloadavg()[0]:.1f} at the end (cores shared with other jobs)")
+             f"1-min load average {os.getloadavg()[0]:.1f} at the end (cores shared with other "
+             f"jobs)")
   output.with_suffix(".json").write_text(json.dumps({"machine": machine, "rows": rows},
                                                     indent=2) + "\n")
   ratio = rows[1]["train_steps_per_s"] / rows[0]["train_steps_per_s"]
