@@ -276,15 +276,18 @@ def cast_attention(q: jax.Array, k: jax.Array, v: jax.Array, s: jax.Array, mask:
   scale = head_dim ** -0.5
   token_mask = mask[:, None, None, :]                                     # [B, 1, 1, N]
 
+  # Heads-major layout [B, H, N, d] once: every product below is batched over (B, H) with the
+  # token axis contiguous (about 2x faster on the CPU than contracting the [B, N, H, d] layout).
+  q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))
   # Affinities, stored transposed [B, H, C, N] so that selection runs along the last axis.
-  a_q = jnp.einsum("bnhd,hcd->bhcn", q, s).astype(jnp.float32) * scale
+  a_q = jnp.einsum("bhnd,hcd->bhcn", q, s).astype(jnp.float32) * scale
   a_k_full = None
   if summary_support == "all":
-    a_k_full = jnp.einsum("bnhd,hcd->bhcn", k, s).astype(jnp.float32) * scale
+    a_k_full = jnp.einsum("bhnd,hcd->bhcn", k, s).astype(jnp.float32) * scale
 
   # Cluster selection: integers, no gradient (C2-C4, C8).
   a_k_sel = (lax.stop_gradient(a_k_full) if a_k_full is not None else
-             jnp.einsum("bnhd,hcd->bhcn", lax.stop_gradient(k),
+             jnp.einsum("bhnd,hcd->bhcn", lax.stop_gradient(k),
                         lax.stop_gradient(s)).astype(jnp.float32) * scale)
   ag = _cluster_affinity(lax.stop_gradient(a_q), a_k_sel, token_mask, cluster_affinity,
                          affinity_softmax_axis)
@@ -294,7 +297,7 @@ def cast_attention(q: jax.Array, k: jax.Array, v: jax.Array, s: jax.Array, mask:
   flat_idx = idx.reshape(batch, heads, num_clusters * kappa)
 
   # Intra-cluster attention over the gathered members.
-  qkv = jnp.concatenate([q, k, v], axis=-1).transpose(0, 2, 1, 3)          # [B, H, N, 3d]
+  qkv = jnp.concatenate([q, k, v], axis=-1)                               # [B, H, N, 3d]
   qkv_c = _gather(qkv, flat_idx).reshape(batch, heads, num_clusters, kappa, 3 * head_dim)
   q_c, k_c, v_c = jnp.split(qkv_c, 3, axis=-1)                            # [B, H, C, kappa, d]
   logits = jnp.einsum("bhcid,bhcjd->bhcij", q_c, k_c).astype(jnp.float32) * scale
@@ -313,13 +316,13 @@ def cast_attention(q: jax.Array, k: jax.Array, v: jax.Array, s: jax.Array, mask:
   else:
     w = jax.nn.softmax(jnp.where(token_mask, a_k_full, base.MASK_VALUE), axis=-1)
     w = w * jnp.any(mask, axis=-1)[:, None, None, None]
-    r_inter = jnp.einsum("bhcn,bnhd->bhcd", w.astype(v.dtype), v)
+    r_inter = jnp.einsum("bhcn,bhnd->bhcd", w.astype(v.dtype), v)
 
   # Combination (C6, C11): alpha = softmax over clusters of A_q.
   alpha = jax.nn.softmax(a_q, axis=-2)                                    # [B, H, C, N]
   # Invalid (pad) slots get weight 0: they add nothing anywhere, not even to the pad itself.
   alpha_c = jnp.where(valid, jnp.take_along_axis(alpha, idx, axis=-1), 0.0)  # [B,H,C,kappa]
-  summaries = jnp.einsum("bhcn,bhcd->bnhd", alpha.astype(v.dtype), r_inter)
+  summaries = jnp.einsum("bhcn,bhcd->bhnd", alpha.astype(v.dtype), r_inter)
   coverage = _scatter_add(valid.astype(jnp.int32).reshape(batch, heads, -1, 1), flat_idx,
                           length)[..., 0]                                 # [B, H, N]
   if combination == "weighted":
@@ -327,15 +330,15 @@ def cast_attention(q: jax.Array, k: jax.Array, v: jax.Array, s: jax.Array, mask:
     delta = jnp.where(valid[..., None],
                       alpha_c[..., None].astype(v.dtype) * (r_intra - r_inter[..., None, :]), 0)
     per_token = _scatter_add(delta.reshape(batch, heads, -1, head_dim), flat_idx, length)
-    out = summaries + per_token.transpose(0, 2, 1, 3)
+    out = summaries + per_token
   else:
     own = alpha_c[..., None].astype(v.dtype) * r_inter[..., None, :]
     payload = jnp.where(valid[..., None], jnp.concatenate([r_intra, own], axis=-1), 0)
     per_token = _scatter_add(payload.reshape(batch, heads, -1, 2 * head_dim), flat_idx, length)
     intra = per_token[..., :head_dim] / jnp.maximum(coverage, 1)[..., None].astype(v.dtype)
-    out = summaries + (intra - per_token[..., head_dim:]).transpose(0, 2, 1, 3)
-  return out, {"cluster_indices": idx, "cluster_valid": valid, "coverage": coverage,
-               "alpha": alpha}
+    out = summaries + intra - per_token[..., head_dim:]
+  aux = {"cluster_indices": idx, "cluster_valid": valid, "coverage": coverage, "alpha": alpha}
+  return out.transpose(0, 2, 1, 3), aux
 
 
 class CASTAttention(nn.Module):
