@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from clustr_jax import models
+from clustr_jax import models, sharding
 from clustr_jax.models import vit
 
 # Official counts: timm DeiT (deit_{tiny,small,base}_patch16_224), the ClusTR.py code comments
@@ -142,6 +142,10 @@ def test_layer_attention_kwargs_and_bad_inputs():
   with pytest.raises(ValueError, match="num_clusters"):
     jax.eval_shape(models.get("deit_ti", num_classes=2, attention="cast", **TINY_VIT).init,
                    jax.random.key(0), x)
+  with pytest.raises(ValueError, match="token pruning"):
+    jax.eval_shape(models.get("sparsifiner_deit_s", num_classes=2, **TINY_VIT,
+                              attention_kwargs={"token_keep_rate": 0.7}).init,
+                   jax.random.key(0), x)
   with pytest.raises(ValueError, match="no option"):
     jax.eval_shape(models.get("deit_ti", num_classes=2, attention_kwargs={"bogus": 1},
                               **TINY_VIT).init, jax.random.key(0), x)
@@ -156,3 +160,23 @@ def test_drop_path_statistics_and_schedule():
   np.testing.assert_allclose(np.asarray(y)[kept], 1 / 0.75, rtol=1e-6)
   assert (np.asarray(y)[kept] == np.asarray(y)[kept][:, :1]).all()   # whole samples
   np.testing.assert_allclose(vit.drop_path_rates(0.3, 4), [0.0, 0.1, 0.2, 0.3], rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["deit_ti", "sparsifiner_deit_s", "clustr_t"])
+def test_every_parameter_has_logical_axes_and_bfloat16_traces(name):
+  """All parameters carry logical names that the one rule table maps onto a mesh; a bfloat16
+  forward traces with float32 parameters and float32 logits."""
+  tiny = TINY_CLUSTR if name.startswith("clustr") else dict(TINY_VIT, attention_kwargs={
+      "basis_topk": 2} if name.startswith("sparsifiner") else None)
+  size = 64 if name.startswith("clustr") else 32
+  model = models.get(name, num_classes=4, dtype=jnp.bfloat16, **tiny)
+  x = jax.ShapeDtypeStruct((2, size, size, 3), jnp.float32)
+  boxed = jax.eval_shape(model.init, jax.random.key(0), x)["params"]
+  leaves = jax.tree.leaves(boxed, is_leaf=lambda b: isinstance(b, nn.Partitioned))
+  assert leaves and all(isinstance(b, nn.Partitioned) for b in leaves)
+  assert all(len(b.names) == b.value.ndim for b in leaves)
+  mesh = sharding.create_mesh(data=2, fsdp=2, model=2)
+  sharding.logical_to_sharding(boxed, mesh)
+  out = jax.eval_shape(lambda v, x: model.apply(v, x), {"params": boxed}, x)
+  assert out.dtype == jnp.float32 and out.shape == (2, 4)
+  assert all(b.value.dtype == jnp.float32 for b in leaves)
