@@ -1,6 +1,7 @@
 """Datasets: released file formats, the generators that benchmarks publish, Grain pipelines.
 
 ``listops``  the LRA ListOps generator, tokenizer, evaluator and TSV reader.
+``pathfinder`` the Pathfinder / Path-X generator and the LRA release-layout reader.
 ``pipeline`` deterministic, per-process sharded, checkpointable Grain train and eval iterators.
 
 The train loop sees a dataset only through ``get(config, workdir) -> Dataset`` (below): a dataset
@@ -25,6 +26,7 @@ from clustr_jax.data import pipeline
 # config.dataset.name -> module defining load_dataset(config, workdir). Imported lazily.
 _REGISTRY: dict[str, str] = {
     "listops": "clustr_jax.data.listops",
+    "pathfinder": "clustr_jax.data.pathfinder",
 }
 
 
