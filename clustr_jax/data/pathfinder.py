@@ -51,9 +51,13 @@ Choices where the official code leaves one open, or is broken (each documented w
     ``distractor_length`` cannot be a paddle count).
   * The official loop resamples a failed target pair forever; here it gives up with an error
     after ``MAX_PAIR_ATTEMPTS``.
-  * Kept as published: the second target tail is not checked against the first contour; the
-    target pair's last paddle of the first contour never enters the occupancy (distractors may
-    touch it); the seeding structure element is offset by one pixel from its anchor.
+  * Kept as published: a new paddle is checked against an occupancy that holds neither its own
+    contour's previous paddle nor the other target's newest one, so the two target contours can
+    cross at their growing ends; the second target tail is not checked against the first
+    contour; the first target's last paddle never enters the occupancy (distractors may touch
+    it); the seeding structure element is offset by one pixel from its anchor. So the label is
+    the generator's (which contour carries the second marker), not always decidable from pixel
+    connectivity alone.
   * Splits: LRA takes TFDS ``[:80%]`` / ``[80%:90%]`` / ``[90%:]`` of a Beam-built order that
     cannot be rebuilt; ``split`` shuffles all images with a seeded permutation (as S4's reader)
     and takes 80% / 10% / 10%.
@@ -793,6 +797,18 @@ def split(images: np.ndarray, labels: np.ndarray, *,
           for name, part in zip(("train", "val", "test"), parts)}
 
 
+def dataset_config(resolution: int, difficulty: str, num_images: int) -> dict:
+  """``config.dataset`` (as a dict) of a set rendered with ``lra_parameters(resolution,
+  difficulty)``, for ``configs/lra/{pathfinder,pathx}.py``: ``generator`` holds every
+  ``PathfinderParams`` field except ``window_size`` (= ``resolution``)."""
+  params = dataclasses.asdict(lra_parameters(resolution, difficulty))
+  del params["window_size"]
+  return dict(name="pathfinder", resolution=resolution, max_length=resolution * resolution,
+              data_dir=None, generate=True, split_seed=0,
+              generator=dict(params, num_images=num_images, images_per_batch=1000, seed=0,
+                             workers=0))
+
+
 def load_dataset(config, workdir: pathlib.Path) -> data_lib.ArrayDataset:
   """The train loop's Pathfinder / Path-X dataset (``clustr_jax.data.get``) from ``config.dataset``.
 
@@ -812,6 +828,9 @@ def load_dataset(config, workdir: pathlib.Path) -> data_lib.ArrayDataset:
   import jax  # pylint: disable=g-import-not-at-top  (the generator and reader need no JAX)
   ds = config.dataset
   resolution = int(ds.resolution)
+  if ds.get("max_length", resolution * resolution) != resolution * resolution:
+    raise ValueError(f"config.dataset.max_length={ds.max_length} must be resolution ** 2 = "
+                     f"{resolution * resolution} (config.dataset.resolution={resolution})")
   data_dir = (pathlib.Path(ds.data_dir) if ds.data_dir
               else workdir / "data" / f"pathfinder{resolution}")
   if ds.generate and jax.process_index() == 0:
