@@ -109,20 +109,20 @@ def test_dual_encoder_is_one_shared_encoder_and_the_lra_head(interaction):
   x1 = rng.integers(1, 257, (3, 48)).astype(np.int32)
   x2 = rng.integers(1, 257, (3, 48)).astype(np.int32)
   x2[:, 30:] = 0
-  variables = model.init(jax.random.key(0), x1, x2)
+  variables = jax.jit(model.init)(jax.random.key(0), x1, x2)
   params = nn.unbox(variables["params"])
   assert set(params) == {"encoder", "head_hidden", "head_hidden2", "head"}
   width = 2 if interaction is None else 4
   assert params["head_hidden"]["kernel"].shape == (width * 16, 32)
   assert params["head_hidden2"]["kernel"].shape == (32, 16)
   assert params["head"]["kernel"].shape == (16, 2)
-  logits = model.apply(variables, x1, x2)
+  logits = jax.jit(model.apply)(variables, x1, x2)
   assert logits.shape == (3, 2) and logits.dtype == jnp.float32
   # The same computation by hand: the shared encoder on each document, CLS pooling, the MLP.
   fields = {k: v for k, v in SMALL.items() if k != "num_classes"}
   encoder = lra.TransformerEncoder(**fields)
-  e1 = lra.pool(*encoder.apply({"params": params["encoder"]}, x1), "CLS")
-  e2 = lra.pool(*encoder.apply({"params": params["encoder"]}, x2), "CLS")
+  encode = jax.jit(lambda x: lra.pool(*encoder.apply({"params": params["encoder"]}, x), "CLS"))
+  e1, e2 = encode(x1), encode(x2)
   x = jnp.concatenate([e1, e2] if interaction is None else [e1, e2, e1 * e2, e1 - e2], -1)
   for name in ("head_hidden", "head_hidden2"):
     x = jax.nn.relu(x @ params[name]["kernel"] + params[name]["bias"])
