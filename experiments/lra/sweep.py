@@ -117,8 +117,9 @@ def _percent(value) -> str:
   return "FAIL" if value is None else f"{value:.2f}"
 
 
-def write_table(rows: list[dict], output: pathlib.Path, variant: str) -> str:
-  """Writes ``output``.csv and .md; returns the Markdown."""
+def write_table(rows: list[dict], output: pathlib.Path, variant: str, note: str = "") -> str:
+  """Writes ``output``.csv and .md (``note``: a paragraph on how the runs were made); returns the
+  Markdown."""
   output.parent.mkdir(parents=True, exist_ok=True)
   with open(output.with_suffix(".csv"), "w", newline="", encoding="utf-8") as f:
     writer = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -138,6 +139,7 @@ def write_table(rows: list[dict], output: pathlib.Path, variant: str) -> str:
       "paper Table 1); ours are the CPU-sized configs on the data named in "
       "`experiments/lra/sweep.py` (small real samples or generated data), so the two are not the "
       "same experiment. '-' is a run not made.",
+      *([note] if note else []),
       "",
       header,
       "|---" * (len(TASKS) + 1) + "|",
@@ -210,6 +212,8 @@ def main() -> None:
                       help="override every config's steps (default: the configs')")
   parser.add_argument("--rerun", action="store_true", help="train even where results.json exists")
   parser.add_argument("--gather_only", action="store_true")
+  parser.add_argument("--note", default="", help="a sentence for the table, e.g. how the runs "
+                      "were made (machine, load)")
   parser.add_argument("--output", default=str(RESULTS / "lra_cpu_sweep"),
                       help="path prefix of the .md, .csv and .png outputs")
   args = parser.parse_args()
@@ -230,7 +234,7 @@ def main() -> None:
   if not rows:
     parser.error(f"no results.json under {workdir}/<task>/<mechanism>/")
   output = pathlib.Path(args.output)
-  print(write_table(rows, output, args.variant))
+  print(write_table(rows, output, args.variant, args.note))
   plot(rows, output)
 
 
