@@ -1,6 +1,7 @@
 """Models by name: ``get(name, **kwargs)`` builds any registered model.
 
-  lra_encoder   LRA Transformer encoder classifier (``lra.LRAEncoder``)
+  lra_encoder       LRA Transformer encoder classifier (``lra.LRAEncoder``)
+  lra_dual_encoder  LRA Retrieval two-document classifier (``lra.LRADualEncoder``)
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from clustr_jax.models import lra
 
 _REGISTRY: dict[str, type[nn.Module]] = {
     "lra_encoder": lra.LRAEncoder,
+    "lra_dual_encoder": lra.LRADualEncoder,
 }
 
 
