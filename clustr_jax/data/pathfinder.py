@@ -7,7 +7,8 @@ short line segments ("paddles") separated by small gaps. LRA's "Pathfinder" is t
 
 Sources (../shared/reference/data_formats.md §2 and lra.md §3-§5.2, §6):
   * The generator of ``drewlinsley/pathfinder`` @ 7b538865 (``snakes2.py``, ``snakes.py``), with
-    LRA's parameters from the docstrings of ``lra_benchmarks/data/pathfinder.py`` (``lra_parameters``).
+    LRA's parameters from the docstrings of ``lra_benchmarks/data/pathfinder.py``
+    (``lra_parameters``).
   * The LRA release layout, read by ``read_release``::
 
       <root>/metadata/<k>.npy         plain text despite the extension: one row per image,
@@ -67,8 +68,8 @@ Choices where the official code leaves one open, or is broken (each documented w
 
 Tokens are the raw pixel values 0..255 (vocabulary 256, not normalised, LRA ``normalize=False``),
 flattened row-major to ``resolution ** 2``. LRA's encoder treats token 0 as padding (mask
-``inputs > 0``), so black pixels take no part in attention: that quirk belongs to the model (the
-LRA encoder's padding mask), and these tokens leave it as LRA has it.
+``inputs > 0``), so black pixels take no part in attention: that quirk belongs to the model
+(``clustr_jax/models/lra.py`` field ``zero_is_padding``, on in the faithful configs).
 
 Command line::
 
@@ -360,7 +361,8 @@ class _Canvas:
     self.padded = np.zeros((n + 2 * margin, n + 2 * margin), np.float32)
     self.occupancy = self.padded[margin:margin + n, margin:margin + n]
     p = params.padding
-    self.occupancy[:p], self.occupancy[-p:], self.occupancy[:, :p], self.occupancy[:, -p:] = 1, 1, 1, 1
+    occupancy = self.occupancy
+    occupancy[:p], occupancy[-p:], occupancy[:, :p], occupancy[:, -p:] = 1, 1, 1, 1
 
   def copy(self) -> _Canvas:
     other = object.__new__(_Canvas)

@@ -12,7 +12,8 @@ weight decay, gradient clipping at norm 1, evaluation every epoch (2,500 steps).
 in parallel); the LRA release
 (``lra_release/pathfinder128/curv_contour_length_14``, with ``dataset.generate=False``) is read
 as it is. Every LRA model, the Transformer included, stays at chance on Path-X ("FAIL").
-Pixel value 0 is padding for the encoder's mask (``inputs > 0``), LRA's quirk.
+Pixel value 0 is padding (``model.zero_is_padding=True``, LRA's quirk; False attends every
+pixel).
 
 ``cpu`` is a smoke-sized run of the Path-X model and optimiser, not a Path-X result: a 16,384-token
 dense attention does not fit a CPU, so it uses 32 x 32 images (1,024 tokens) of the ``easy``
@@ -42,8 +43,8 @@ def get_config(arg=None):
       model=dict(
           name="lra_encoder", emb_dim=32, num_heads=2, qkv_dim=16, mlp_dim=32, num_layers=1,
           dropout_rate=0.1, attention_dropout_rate=0.1, pooling="MEAN",
-          learned_position_embedding=True, cls_mask_from_first_token=False, dtype="float32",
-          attention=arg.attention),
+          learned_position_embedding=True, cls_mask_from_first_token=False, zero_is_padding=True,
+          dtype="float32", attention=arg.attention),
       batch_size=64, num_train_steps=500_000, learning_rate=1e-3,
       schedule="constant*linear_warmup*cosine_decay", warmup_steps=2_500, weight_decay=0.0,
       eval_every_steps=2_500, grad_clip_norm=1.0, checkpoint_every_steps=25_000)
