@@ -665,8 +665,7 @@ def ensure_generated(out_dir: str | os.PathLike, params: PathfinderParams, *, nu
   if description.is_file():
     stored = json.loads(description.read_text(encoding="utf-8"))
     if stored != wanted:
-      diff = ", ".join(f"{k}: stored {stored.get(k)!r} vs requested {wanted.get(k)!r}"
-                       for k in sorted(set(stored) | set(wanted)) if stored.get(k) != wanted.get(k))
+      diff = data_lib.describe_differences(stored, wanted)
       raise ValueError(f"{root} holds a Pathfinder set generated with other parameters ({diff}); "
                        f"delete it or use another directory")
   elif (root / "metadata").is_dir() and any((root / "metadata").iterdir()):
