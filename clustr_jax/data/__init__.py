@@ -25,6 +25,7 @@ from clustr_jax.data import pipeline
 # config.dataset.name -> module defining load_dataset(config, workdir). Imported lazily.
 _REGISTRY: dict[str, str] = {
     "listops": "clustr_jax.data.listops",
+    "imagenet": "clustr_jax.data.imagenet",
 }
 
 
