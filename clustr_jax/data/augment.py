@@ -142,6 +142,8 @@ def _enhance(enhancer) -> Callable:
 def _posterize(image, level, rng):
   del rng
   bits = 4 - int(level / MAX_LEVEL * 4)
+  if bits <= 0:  # timm's Pillow masked every bit; today's Pillow rejects bits < 1.
+    return Image.new(image.mode, image.size)
   return image if bits >= 8 else ImageOps.posterize(image, bits)
 
 

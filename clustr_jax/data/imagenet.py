@@ -172,7 +172,7 @@ class TfdsSource:
     try:
       self._source = tfds.data_source(name, split=split, data_dir=data_dir, download=False,
                                       decoders={"image": tfds.decode.SkipDecoding()})
-    except (FileNotFoundError, AssertionError, ValueError) as e:
+    except (FileNotFoundError, AssertionError, ValueError, NotImplementedError) as e:
       raise FileNotFoundError(
           f"TFDS {name!r} split {split!r} not prepared under data_dir={data_dir!r}: {e}. "
           f"Prepare it once: tfds build {name} --manual_dir=<tars> --data_dir=<dir> "
