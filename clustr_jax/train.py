@@ -113,20 +113,27 @@ def correct(logits: jax.Array, targets: jax.Array) -> jax.Array:
   return (jnp.argmax(logits, -1) == targets).astype(jnp.float32)
 
 
-def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Module,
-               tx: optax.GradientTransformation, schedule: optax.Schedule, rng: jax.Array,
-               input_keys: tuple[str, ...] = ("inputs",)
+def train_step(state: TrainState, batch: dict[str, jax.Array], teacher_params: Any = None, *,
+               model: nn.Module, tx: optax.GradientTransformation, schedule: optax.Schedule,
+               rng: jax.Array, input_keys: tuple[str, ...] = ("inputs",), objective=None
                ) -> tuple[TrainState, dict[str, jax.Array]]:
-  """One optimizer update on ``batch`` (``input_keys`` and 'targets'); returns (state, metrics)."""
+  """One optimizer update on ``batch`` (``input_keys`` and 'targets'); returns (state, metrics).
+
+  ``objective`` (e.g. ``distill.Objective``) replaces the cross-entropy loss:
+  ``objective(params, batch, rngs, teacher_params) -> (loss, (logits, extra metrics))``.
+  """
   step_rng = jax.random.fold_in(rng, state.step)
   dropout_rng, clustering_rng = jax.random.split(step_rng)
+  rngs = {"dropout": dropout_rng, "clustering": clustering_rng}
 
   def loss_fn(params):
+    if objective is not None:
+      return objective(params, batch, rngs, teacher_params)
     logits = model.apply({"params": params}, *(batch[k] for k in input_keys), train=True,
-                         rngs={"dropout": dropout_rng, "clustering": clustering_rng})
-    return cross_entropy(logits, batch["targets"]).mean(), logits
+                         rngs=rngs)
+    return cross_entropy(logits, batch["targets"]).mean(), (logits, {})
 
-  (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  (loss, (logits, extra)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   metrics = {
@@ -134,6 +141,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modu
       "accuracy": jnp.mean(correct(logits, batch["targets"])),
       "learning_rate": schedule(state.step),
       "grad_norm": optax.tree.norm(grads),
+      **extra,
   }
   return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
@@ -213,6 +221,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     # Model and optimizer.
     model = create_model(config, dict(dataset.model_kwargs))
     tx, schedule = optim.create_optimizer(config)
+    # Distillation stages and model EMA (clustr_jax/distill.py): a loss, frozen parameters, a
+    # teacher, an initial checkpoint; EMA averages the parameters inside the optimizer state.
+    distillation = None
+    if config.get("distill") or config.get("ema_decay"):
+      from clustr_jax import distill  # pylint: disable=g-import-not-at-top  (imports train)
+      if config.get("distill"):
+        distillation = distill.setup(config, model, dataset)
+        tx = distillation.wrap_optimizer(tx)
+      if config.get("ema_decay"):
+        tx = optax.chain(tx, distill.model_ema(config.ema_decay))
     rng = jax.random.key(config.seed)
     init_rng, step_rng = jax.random.split(rng)
     sample = tuple(jnp.zeros((config.batch_size, *shape), dtype)
@@ -224,6 +242,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     state_sharding = sharding.logical_to_sharding(abstract_boxed, mesh)
     state = jax.jit(lambda r, *x: nn.unbox(init_fn(r, *x)), out_shardings=state_sharding)(
         init_rng, *sample)
+    if distillation is not None and distillation.init_checkpoint:
+      params = jax.device_put(distillation.initial_params(state.params), state_sharding.params)
+      state = state.replace(params=params, opt_state=jax.jit(
+          tx.init, out_shardings=state_sharding.opt_state)(params))
+    teacher, teacher_sharding = None, None
+    if distillation is not None and distillation.teacher_params is not None:
+      teacher_sharding = jax.tree.map(lambda _: sharding.replicated(mesh),
+                                      distillation.teacher_params)
+      teacher = jax.device_put(distillation.teacher_params, teacher_sharding)
     num_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.params))
     logging.info("Model %s with attention %r: %d parameters", config.model.name,
                  config.model.get("attention"), num_params)
@@ -243,8 +270,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     batch_in = sharding.batch_sharding(mesh)
     p_train_step = jax.jit(
         functools.partial(train_step, model=model, tx=tx, schedule=schedule, rng=step_rng,
-                          input_keys=input_keys),
-        in_shardings=(state_sharding, batch_in),
+                          input_keys=input_keys,
+                          objective=distillation.objective if distillation else None),
+        in_shardings=(state_sharding, batch_in, teacher_sharding),
         out_shardings=(state_sharding, sharding.replicated(mesh)), donate_argnums=0)
     p_eval_step = jax.jit(functools.partial(eval_step, model=model, input_keys=input_keys),
                           in_shardings=(state_sharding.params, batch_in),
@@ -262,7 +290,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     try:
       for step in range(start_step + 1, config.num_train_steps + 1):
         batch = global_batch(next(train_iter), mesh)
-        state, step_metrics = p_train_step(state, batch)
+        state, step_metrics = p_train_step(state, batch, teacher)
         pending.append(step_metrics)
         if timer_start is None:
           jax.block_until_ready(state)
@@ -292,11 +320,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
       val_metrics = run_eval(state.params, split="val")
     test_metrics = run_eval(state.params, split="test")
     writer.write(final_step, "test", test_metrics)
+    ema_metrics = {}
+    if config.get("ema_decay"):
+      ema = distill.ema_params(state.opt_state)
+      ema_metrics = {"val_ema": run_eval(ema, split="val"), "test_ema": run_eval(ema, split="test")}
+      writer.write(final_step, "test_ema", ema_metrics["test_ema"])
     writer.close()
 
   results = {
       "test": test_metrics,
       "val": val_metrics,
+      **ema_metrics,
       "step": final_step,
       "num_train_steps": config.num_train_steps,
       "num_params": num_params,
