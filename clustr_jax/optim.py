@@ -11,6 +11,11 @@ product of named factors, written as a string such as ``"constant*linear_warmup*
 ``step`` is the number of updates already applied (0 for the first), as in LRA's loop. The
 optimizer is LRA's Adam (b1 0.9, b2 0.98, eps 1e-9) with decoupled weight decay applied to every
 parameter, i.e. ``optax.adamw`` without a mask (param <- param - lr * wd * param).
+
+Gradient clipping (``optax.clip_by_global_norm``) comes first in the chain; with
+``grad_accum_steps`` k > 1 the whole chain is wrapped in ``optax.MultiSteps(every_k_schedule=k)``,
+which averages k micro-batch gradients and then clips and applies them once, so the schedule and
+Adam's moments advance once per update.
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
+
+from clustr_jax import defaults
 
 FACTORS = ("constant", "linear_warmup", "rsqrt_decay", "cosine_decay")
 
@@ -60,20 +67,24 @@ def create_learning_rate_schedule(factors: str, base_learning_rate: float, warmu
   return schedule
 
 
-def create_optimizer(config: ml_collections.ConfigDict) -> tuple[optax.GradientTransformation,
-                                                                  optax.Schedule]:
+def create_optimizer(config: ml_collections.ConfigDict, wrap=None
+                     ) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """Builds (optimizer, schedule) from the run config.
 
   Reads ``learning_rate``, ``schedule`` (factor string), ``warmup_steps``, ``num_train_steps``
   (the cosine cycle), ``optimizer`` ('adamw' or 'sgd'), ``adam_b1``, ``adam_b2``, ``adam_eps``,
-  ``weight_decay`` and ``grad_clip_norm`` (None or <= 0: no clipping).
+  ``weight_decay``, ``grad_clip_norm`` (None or <= 0: no clipping) and ``grad_accum_steps``
+  (> 1: ``optax.MultiSteps``); unset keys take ``clustr_jax.defaults``.
 
   Raises:
-    ValueError: unknown optimizer name or schedule factor.
+    ValueError: unknown optimizer name or schedule factor, or ``grad_accum_steps`` < 1.
 
   Vision recipes (timm, below) add: ``schedule='timm_cosine'`` with ``warmup_init_lr``,
   ``min_lr`` and ``cooldown_steps``; ``weight_decay_skip`` (None: decay every parameter).
+  ``wrap`` (e.g. freezing and EMA from ``clustr_jax.distill``) wraps the clipped optimizer,
+  inside gradient accumulation.
   """
+  config = defaults.with_defaults(config)
   if config.schedule == "timm_cosine":
     schedule = timm_cosine_schedule(
         config.learning_rate, config.warmup_steps,
@@ -96,6 +107,13 @@ def create_optimizer(config: ml_collections.ConfigDict) -> tuple[optax.GradientT
   clip = config.get("grad_clip_norm")
   if clip is not None and clip > 0:
     tx = optax.chain(optax.clip_by_global_norm(clip), tx)
+  if wrap is not None:
+    tx = wrap(tx)
+  accum = config.grad_accum_steps
+  if not isinstance(accum, int) or accum < 1:
+    raise ValueError(f"config.grad_accum_steps must be an int >= 1; got {accum!r}")
+  if accum > 1:
+    tx = optax.MultiSteps(tx, every_k_schedule=accum).gradient_transformation()
   return tx, schedule
 
 
