@@ -491,3 +491,55 @@ def load_dataset(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> Im
     logging.info("ImageNet %s: %s, %d images", role, splits[role], len(source))
   return ImageNetDataset(sources, num_classes, train_options(ds), crop_pct=ds.crop_pct,
                          read_threads=ds.get("read_threads", 8))
+
+
+#: The Imagenette sample (10 ImageNet classes, 120 train + 30 val images each, 224 x 224) that
+#: the CPU configs read by default, relative to the repository root.
+IMAGENETTE_SAMPLE = pathlib.Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / \
+    "imagenette_224"
+
+
+def dataset_config(*, cpu: bool = False, data_dir: str | None = None, source: str = "folder",
+                   image_size: int = 224) -> ml_collections.ConfigDict:
+  """``config.dataset`` for ImageNet with DeiT's training preprocessing (the recipes' shared part).
+
+  Full: ImageNet-1k from ``data_dir`` (``source`` 'folder' or 'tfds'), 1,000 TFDS-order classes,
+  val = test = the ILSVRC-2012 validation set, RandAugment m9-mstd0.5, random erasing 0.25, mixup
+  0.8 / cutmix 1.0, label smoothing 0.1, repeated augmentation x3, crop_pct 0.875.
+  ``cpu``: the Imagenette sample (``IMAGENETTE_SAMPLE`` unless ``data_dir``), its 10 classes,
+  ``image_size`` as given (e.g. 64), and light augmentation for short runs from scratch: random
+  resized crop with scale (0.35, 1) and flips only, label smoothing 0.1, no repeated augmentation.
+  """
+  ds = ml_collections.ConfigDict()
+  ds.name = "imagenet"
+  ds.source = source
+  ds.data_dir = ml_collections.FieldReference(data_dir, field_type=str)
+  ds.tfds_name = "imagenet2012"
+  ds.classes = "imagenet"
+  if source == "tfds":
+    ds.splits = {"train": "train", "val": "validation", "test": "validation"}
+  else:
+    ds.splits = {"train": "train", "val": "val", "test": "val"}
+  ds.image_size = image_size
+  ds.crop_pct = 0.875
+  ds.scale = (0.08, 1.0)
+  ds.hflip = 0.5
+  ds.rand_augment = ml_collections.FieldReference("rand-m9-mstd0.5-inc1", field_type=str)
+  ds.random_erasing = 0.25
+  ds.mixup_alpha = 0.8
+  ds.cutmix_alpha = 1.0
+  ds.mix_prob = 1.0
+  ds.mix_switch_prob = 0.5
+  ds.label_smoothing = 0.1
+  ds.repeated_augmentation = 3
+  ds.read_threads = 8
+  if cpu:
+    ds.data_dir = data_dir or str(IMAGENETTE_SAMPLE)
+    ds.classes = "folder"
+    ds.scale = (0.35, 1.0)
+    ds.rand_augment = None
+    ds.random_erasing = 0.0
+    ds.mix_prob = 0.0
+    ds.repeated_augmentation = 1
+    ds.read_threads = 2
+  return ds
