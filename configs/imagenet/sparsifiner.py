@@ -16,8 +16,8 @@ n_down = N // 6, c = d // 2.
                  ``teacher_checkpoint``: the dense DeiT-S.
 See ``clustr_jax/distill.py`` for the losses, freezing and EMA.
 
-``cpu``: the same two stages on DeiT-Ti with Sparsifiner attention at 64 x 64 px, 8 x 8 patches
-(65 tokens) on the Imagenette sample, batch 64, no EMA, light augmentation; the teacher is the
+``cpu``: the same two stages on DeiT-Ti with Sparsifiner attention at 64 x 64 px, 16 x 16 patches
+(17 tokens) on the Imagenette sample, batch 64, no EMA, light augmentation; the teacher is the
 dense DeiT-Ti of ``configs/imagenet/deit.py:cpu`` (its checkpoints by default), which also
 initialises stage 1:
 
@@ -54,7 +54,7 @@ def get_config(arg=None):
   config.seed = 0
   config.dataset = imagenet.dataset_config(cpu=arg.cpu, data_dir=arg.data_dir or None,
                                            source=arg.source, image_size=64 if arg.cpu else 224)
-  patch = 8 if arg.cpu else 16
+  patch = 16
   tokens = (config.dataset.image_size // patch) ** 2 + 1
   attention = recipes.vit_attention_kwargs("sparsifiner", tokens)
   model = "deit_ti" if arg.cpu else "deit_s"
