@@ -31,7 +31,8 @@ parameters, so it is checkpointed with the optimizer state; ``ema_params`` reads
 
 Config (``config.distill``): stage, trainable, predictor_pattern, init_checkpoint (the student's
 initial parameters: an Orbax checkpoint of the train loop or of ``clustr_jax.convert``; missing
-predictor parameters keep their initialisation), teacher (None, or a ConfigDict with the model
+predictor parameters keep their initialisation), init_rename (key substitutions, see
+``merge_params``), teacher (None, or a ConfigDict with the model
 ``name``, its options and ``checkpoint``), recon_weight, ce_weight, kl_weight, token_weight,
 temperature, token_module, num_prefix_tokens. ``config.ema_decay`` (None: off) switches EMA on
 for any run.
@@ -41,7 +42,7 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import flax
@@ -64,8 +65,9 @@ TRAINABLE = ("all", "predictor", "backbone")
 # Freezing and EMA (optax).
 # ---------------------------------------------------------------------------------------------
 def _path_names(path) -> list[str]:
-  names = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
-  return [n for n in names if n != "value"]  # nn.Partitioned boxes.
+  """Dict keys of a pytree path, without the ``.value`` attribute of nn.Partitioned boxes."""
+  return [str(k.key) if isinstance(k, jax.tree_util.DictKey) else str(getattr(k, "name", k))
+          for k in path if not isinstance(k, jax.tree_util.GetAttrKey)]
 
 
 def param_labels(trainable: str, predictor_pattern: str = "mask_predictor"
@@ -165,7 +167,8 @@ def load_params(path: str | pathlib.Path) -> Any:
   return jax.tree.map(np.asarray, tree)
 
 
-def merge_params(target: Any, source: Any, *, allow_missing: str | None = None) -> Any:
+def merge_params(target: Any, source: Any, *, allow_missing: str | None = None,
+                 rename: Mapping[str, str] | None = None) -> Any:
   """``target`` (the initialised tree) with every leaf that ``source`` has replaced by it.
 
   Args:
@@ -173,12 +176,19 @@ def merge_params(target: Any, source: Any, *, allow_missing: str | None = None) 
     source: loaded parameters (plain nested dicts).
     allow_missing: leaves of ``target`` whose path contains this keep their initial value when
       ``source`` lacks them (e.g. 'mask_predictor' when loading a dense DeiT into Sparsifiner).
+    rename: substring replacements applied to the '/'-joined source keys first, e.g.
+      ``{'/attn/out/': '/attn/proj/'}`` from a dense DeiT (DenseAttention's output projection is
+      'out') to Sparsifiner attention ('proj', the official name).
 
   Raises:
     ValueError: listing the leaves ``source`` lacks (not allowed), the leaves it has that
       ``target`` does not, and the mis-shaped ones.
   """
-  flat_source = flax.traverse_util.flatten_dict(flax.core.unfreeze(source), sep="/")
+  flat_source = {}
+  for key, value in flax.traverse_util.flatten_dict(flax.core.unfreeze(source), sep="/").items():
+    for old, new in (rename or {}).items():
+      key = key.replace(old, new)
+    flat_source[key] = value
   used, missing, misshaped = set(), [], []
 
   def take(path, leaf):
@@ -314,6 +324,7 @@ class Distillation:
   wrap_optimizer: Callable[[optax.GradientTransformation], optax.GradientTransformation]
   init_checkpoint: str | None
   predictor_pattern: str
+  init_rename: Mapping[str, str] | None = None
   teacher_params: Any = None
 
   def initial_params(self, params: Any) -> Any:
@@ -323,7 +334,7 @@ class Distillation:
       return params
     logging.info("Initialising the student from %s", self.init_checkpoint)
     return merge_params(params, load_params(self.init_checkpoint),
-                        allow_missing=self.predictor_pattern)
+                        allow_missing=self.predictor_pattern, rename=self.init_rename)
 
 
 def setup(config: ml_collections.ConfigDict, model: nn.Module, dataset) -> Distillation:
@@ -366,5 +377,6 @@ def setup(config: ml_collections.ConfigDict, model: nn.Module, dataset) -> Disti
   return Distillation(objective=objective,
                       wrap_optimizer=lambda tx: freeze(tx, trainable, pattern),
                       init_checkpoint=d.get("init_checkpoint"), predictor_pattern=pattern,
+                      init_rename=dict(d.get("init_rename") or {}),
                       teacher_params=teacher_params)
 

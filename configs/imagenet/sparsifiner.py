@@ -76,6 +76,8 @@ def get_config(arg=None):
       stage=arg.stage, trainable="predictor" if arg.stage == "recon" else "backbone",
       predictor_pattern="mask_predictor",
       init_checkpoint=ml_collections.FieldReference(init or None, field_type=str),
+      # Our dense DeiT names its output projection 'out', Sparsifiner attention 'proj'.
+      init_rename={"/attn/out/": "/attn/proj/"},
       recon_weight=0.01, ce_weight=0.0 if arg.stage == "recon" else 1.0, kl_weight=0.5,
       token_weight=0.5, temperature=1.0, token_module="norm", num_prefix_tokens=1))
   config.distill.teacher = ml_collections.ConfigDict(dict(

@@ -2,11 +2,12 @@ r"""Short CPU training runs on the Imagenette sample: DeiT-Ti with each attentio
 the Sparsifiner two-stage chain; a table of accuracy (chance: 10%) and images/s.
 
 Runs, one after the other in one process, each in ``<workdir>/<run>``:
-  deit_ti_<attention>  ``configs/imagenet/deit.py:cpu,attention=<attention>`` for each mechanism
-  clustr_t             ``configs/imagenet/clustr.py:cpu``
+  deit_ti_dense        ``configs/imagenet/deit.py:cpu,attention=dense``
   sparsifiner_recon    ``configs/imagenet/sparsifiner.py:cpu,stage=recon``, initialised from
                        deit_ti_dense (which is also the teacher)
   sparsifiner_distill  ``...:cpu,stage=distill`` from sparsifiner_recon, teacher deit_ti_dense
+  deit_ti_<attention>  ``configs/imagenet/deit.py:cpu,attention=<attention>``, other mechanisms
+  clustr_t             ``configs/imagenet/clustr.py:cpu``
 Writes ``experiments/vision/results/cpu_runs.{md,csv}``. Images/s = train steps/s (without the
 compiling step, evaluation and checkpointing) x batch.
 
@@ -33,20 +34,20 @@ RESULTS = REPO / "experiments" / "vision" / "results"
 
 
 def runs(workdir: pathlib.Path, steps: int, distill_steps: int, mechanisms: list[str]):
-  """(run name, config spec, overrides) in dependency order."""
-  spec = []
-  for name in mechanisms:
-    spec.append((f"deit_ti_{name}", f"deit.py:cpu,attention={name},steps={steps}", {}))
-  spec.append(("clustr_t", f"clustr.py:cpu,steps={steps}", {}))
+  """(run name, config spec) in dependency order: the dense DeiT-Ti first (the Sparsifiner
+  teacher and initialisation)."""
+  spec = [("deit_ti_dense", f"deit.py:cpu,attention=dense,steps={steps}")]
   teacher = str(workdir / "deit_ti_dense" / "checkpoints")
   recon_steps = max(1, distill_steps // 3)
   spec.append(("sparsifiner_recon",
-               f"sparsifiner.py:cpu,stage=recon,steps={recon_steps},init_checkpoint={teacher}",
-               {}))
+               f"sparsifiner.py:cpu,stage=recon,steps={recon_steps},init_checkpoint={teacher}"))
   spec.append(("sparsifiner_distill",
                f"sparsifiner.py:cpu,stage=distill,steps={distill_steps},init_checkpoint="
-               f"{workdir / 'sparsifiner_recon' / 'checkpoints'},teacher_checkpoint={teacher}",
-               {}))
+               f"{workdir / 'sparsifiner_recon' / 'checkpoints'},teacher_checkpoint={teacher}"))
+  for name in mechanisms:
+    if name != "dense":
+      spec.append((f"deit_ti_{name}", f"deit.py:cpu,attention={name},steps={steps}"))
+  spec.append(("clustr_t", f"clustr.py:cpu,steps={steps}"))
   return spec
 
 
@@ -66,7 +67,7 @@ def main() -> None:
   output.parent.mkdir(parents=True, exist_ok=True)
   rows = []
   only = set(filter(None, args.only.split(",")))
-  for run, config_spec, _ in runs(workdir, args.steps, args.distill_steps,
+  for run, config_spec in runs(workdir, args.steps, args.distill_steps,
                                   args.mechanisms.split(",")):
     if only and run not in only:
       continue
