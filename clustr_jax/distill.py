@@ -172,13 +172,17 @@ def merge_params(target: Any, source: Any, *, allow_missing: str | None = None,
   """``target`` (the initialised tree) with every leaf that ``source`` has replaced by it.
 
   Args:
-    target: initialised parameters (plain or boxed).
+    target: initialised parameters (plain or boxed arrays, or ``jax.ShapeDtypeStruct``s).
     source: loaded parameters (plain nested dicts).
     allow_missing: leaves of ``target`` whose path contains this keep their initial value when
       ``source`` lacks them (e.g. 'mask_predictor' when loading a dense DeiT into Sparsifiner).
     rename: substring replacements applied to the '/'-joined source keys first, e.g.
       ``{'/attn/out/': '/attn/proj/'}`` from a dense DeiT (DenseAttention's output projection is
       'out') to Sparsifiner attention ('proj', the official name).
+
+  Returns:
+    The merged tree: loaded leaves as numpy arrays in the target's dtype, the others as they
+    were.
 
   Raises:
     ValueError: listing the leaves ``source`` lacks (not allowed), the leaves it has that
@@ -202,7 +206,7 @@ def merge_params(target: Any, source: Any, *, allow_missing: str | None = None,
     if tuple(np.shape(value)) != tuple(np.shape(leaf)):
       misshaped.append(f"{key}: checkpoint {np.shape(value)} vs model {np.shape(leaf)}")
       return leaf
-    return jnp.asarray(value, dtype=jnp.asarray(leaf).dtype)
+    return np.asarray(value).astype(leaf.dtype)  # numpy: the train loop places it.
 
   merged = jax.tree_util.tree_map_with_path(take, nn.unbox(target))
   unexpected = sorted(set(flat_source) - used)

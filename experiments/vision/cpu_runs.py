@@ -8,7 +8,8 @@ Runs, one after the other in one process, each in ``<workdir>/<run>``:
   sparsifiner_distill  ``...:cpu,stage=distill`` from sparsifiner_recon, teacher deit_ti_dense
   deit_ti_<attention>  ``configs/imagenet/deit.py:cpu,attention=<attention>``, other mechanisms
   clustr_t             ``configs/imagenet/clustr.py:cpu``
-Writes ``experiments/vision/results/cpu_runs.{md,csv}``. Images/s = train steps/s (without the
+Writes ``experiments/vision/results/cpu_runs.{md,csv}`` after every run; a run whose
+``results.json`` exists is not run again (restart the script to continue). Images/s = train steps/s (without the
 compiling step, evaluation and checkpointing) x batch.
 
   python experiments/vision/cpu_runs.py --workdir=workdir/vision_cpu \
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import os
 import pathlib
 import platform
@@ -74,7 +76,11 @@ def main() -> None:
     config = config_utils.load(f"{REPO}/configs/imagenet/{config_spec}")
     if args.data_dir:
       config.dataset.data_dir = os.path.abspath(args.data_dir)
-    results = train.train_and_evaluate(config, workdir / run)
+    done = workdir / run / "results.json"
+    if done.exists():  # Finished before (the script was restarted): reuse its results.
+      results = json.loads(done.read_text())
+    else:
+      results = train.train_and_evaluate(config, workdir / run)
     rows.append({
         "run": run, "model": config.model.name, "attention": config.model.get("attention"),
         "stage": config.get("distill", {}).get("stage", "") if config.get("distill") else "",
