@@ -373,7 +373,8 @@ def setup(config: ml_collections.ConfigDict, model: nn.Module, dataset) -> Disti
   pattern = d.get("predictor_pattern", "mask_predictor")
   param_labels(trainable, pattern)  # Validates ``trainable`` now.
   objective = Objective(
-      model=model, stage=d.stage, input_keys=tuple(dataset.input_keys), recon_weight=d.get("recon_weight", 0.01),
+      model=model, stage=d.stage, input_keys=tuple(dataset.input_keys),
+      recon_weight=d.get("recon_weight", 0.01),
       ce_weight=d.get("ce_weight", 0.0 if d.stage == "recon" else 1.0),
       kl_weight=d.get("kl_weight", 0.5), token_weight=d.get("token_weight", 0.5),
       temperature=d.get("temperature", 1.0), token_module=d.get("token_module", "norm"),

@@ -12,7 +12,8 @@ floor(1,281,167 // 256 * 256 / batch) = 1,251 steps (RASampler).
 ``cpu``: DeiT-Ti's architecture (12 blocks, width 192, 3 heads) at 64 x 64 px with 16 x 16
 patches (17 tokens), trained from scratch on the Imagenette sample (1,200 train / 300 val
 images, 10 classes) for ``steps`` steps of batch 64: lr 1e-3 (5e-4 * 64 / 512 = 6e-5 barely
-moves in minutes), warmup over the first tenth of the steps, light augmentation (crop and flip), no EMA, no drop path.
+moves in minutes), warmup over the first tenth of the steps, light augmentation (crop and
+flip), no EMA, no drop path.
 
 Args (comma-separated): model=deit_ti|deit_s|deit_b, attention=dense|clustr|cast|sparsifiner,
 cpu, steps (CPU steps), data_dir, source=folder|tfds.

@@ -9,8 +9,8 @@ Runs, one after the other in one process, each in ``<workdir>/<run>``:
   deit_ti_<attention>  ``configs/imagenet/deit.py:cpu,attention=<attention>``, other mechanisms
   clustr_t             ``configs/imagenet/clustr.py:cpu``
 Writes ``experiments/vision/results/cpu_runs.{md,csv}`` after every run; a run whose
-``results.json`` exists is not run again (restart the script to continue). Images/s = train steps/s (without the
-compiling step, evaluation and checkpointing) x batch.
+``results.json`` exists is not run again (restart the script to continue). Images/s = train
+steps/s (without the compiling step, evaluation and checkpointing) x batch.
 
   python experiments/vision/cpu_runs.py --workdir=workdir/vision_cpu \
       --data_dir=../shared/data/imagenette_224 --steps=300
