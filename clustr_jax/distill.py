@@ -203,8 +203,8 @@ def merge_params(target: Any, source: Any, *, allow_missing: str | None = None,
       return leaf
     used.add(key)
     value = flat_source[key]
-    if tuple(np.shape(value)) != tuple(np.shape(leaf)):
-      misshaped.append(f"{key}: checkpoint {np.shape(value)} vs model {np.shape(leaf)}")
+    if tuple(np.shape(value)) != tuple(leaf.shape):
+      misshaped.append(f"{key}: checkpoint {np.shape(value)} vs model {tuple(leaf.shape)}")
       return leaf
     return np.asarray(value).astype(leaf.dtype)  # numpy: the train loop places it.
 

@@ -108,6 +108,11 @@ def test_merge_params_reports_every_mismatch():
   merged = distill.merge_params(target, source, allow_missing="mask_predictor")
   assert float(merged["head"]["kernel"][0, 0]) == 2.0
   assert float(merged["blocks_0"]["attn"]["mask_predictor"]["proj_n"][0, 0]) == 1.0
+  # An abstract target (the teacher's eval_shape), under a mesh as in the train loop.
+  abstract = jax.eval_shape(lambda: {"head": {"kernel": jnp.ones((2, 3))}})
+  with jax.set_mesh(jax.make_mesh((1,), ("data",))):
+    loaded = distill.merge_params(abstract, {"head": {"kernel": np.full((2, 3), 4.0)}})
+  assert loaded["head"]["kernel"].dtype == np.float32 and loaded["head"]["kernel"][1, 2] == 4.0
 
 
 def test_load_params_from_run_and_params_checkpoints(tmp_path):
