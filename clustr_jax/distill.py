@@ -167,6 +167,13 @@ def load_params(path: str | pathlib.Path) -> Any:
   return jax.tree.map(np.asarray, tree)
 
 
+def _without_boxes(tree: Any) -> Any:
+  """``nn.unbox`` without its sharding constraint (which fails eagerly on abstract leaves under
+  a mesh)."""
+  boxed = lambda x: isinstance(x, nn.meta.AxisMetadata)  # noqa: E731
+  return jax.tree.map(lambda x: x.value if boxed(x) else x, tree, is_leaf=boxed)
+
+
 def merge_params(target: Any, source: Any, *, allow_missing: str | None = None,
                  rename: Mapping[str, str] | None = None) -> Any:
   """``target`` (the initialised tree) with every leaf that ``source`` has replaced by it.
@@ -208,7 +215,7 @@ def merge_params(target: Any, source: Any, *, allow_missing: str | None = None,
       return leaf
     return np.asarray(value).astype(leaf.dtype)  # numpy: the train loop places it.
 
-  merged = jax.tree_util.tree_map_with_path(take, nn.unbox(target))
+  merged = jax.tree_util.tree_map_with_path(take, _without_boxes(target))
   unexpected = sorted(set(flat_source) - used)
   if missing or unexpected or misshaped:
     raise ValueError(f"checkpoint does not match the model: missing {missing}, unexpected "
@@ -368,7 +375,7 @@ def setup(config: ml_collections.ConfigDict, model: nn.Module, dataset) -> Disti
                                         dataset.example_spec[k][1]) for k in dataset.input_keys)
     abstract = jax.eval_shape(lambda *x: teacher_model.init(
         {"params": jax.random.key(0), "dropout": jax.random.key(0)}, *x, train=False), *sample)
-    teacher_params = merge_params(nn.unbox(abstract["params"]), load_params(teacher.checkpoint))
+    teacher_params = merge_params(abstract["params"], load_params(teacher.checkpoint))
   trainable = d.get("trainable", "predictor" if d.stage == "recon" else "backbone")
   pattern = d.get("predictor_pattern", "mask_predictor")
   param_labels(trainable, pattern)  # Validates ``trainable`` now.

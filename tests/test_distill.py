@@ -3,6 +3,7 @@ loading and merging, and the recon objective on a small Sparsifiner ViT."""
 
 from __future__ import annotations
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -13,6 +14,7 @@ import pytest
 
 from clustr_jax import distill
 from clustr_jax import models
+from clustr_jax import sharding
 
 
 def _log_softmax(x):
@@ -109,8 +111,10 @@ def test_merge_params_reports_every_mismatch():
   assert float(merged["head"]["kernel"][0, 0]) == 2.0
   assert float(merged["blocks_0"]["attn"]["mask_predictor"]["proj_n"][0, 0]) == 1.0
   # An abstract target (the teacher's eval_shape), under a mesh as in the train loop.
-  abstract = jax.eval_shape(lambda: {"head": {"kernel": jnp.ones((2, 3))}})
-  with jax.set_mesh(jax.make_mesh((1,), ("data",))):
+  abstract = jax.eval_shape(lambda: {"head": {"kernel": nn.Partitioned(
+      jnp.ones((2, 3)), ("embed", "classes"))}})
+  with jax.set_mesh(jax.make_mesh((1,), ("data",))), nn.logical_axis_rules(
+      sharding.LOGICAL_AXIS_RULES):
     loaded = distill.merge_params(abstract, {"head": {"kernel": np.full((2, 3), 4.0)}})
   assert loaded["head"]["kernel"].dtype == np.float32 and loaded["head"]["kernel"][1, 2] == 4.0
 
