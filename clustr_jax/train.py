@@ -125,11 +125,17 @@ def init_sharded_state(model: nn.Module, tx: optax.GradientTransformation, rng: 
 
 
 def jit_train_step(state_sharding: Any, mesh: jax.sharding.Mesh, *, donate: bool = True,
-                   **step_kwargs: Any):
+                   teacher_sharding: Any = None, **step_kwargs: Any):
   """``train_step`` with ``step_kwargs`` bound, jitted with the state's shardings, the batch
-  sharded over ('data', 'fsdp'), replicated metrics and (``donate``) a donated state."""
-  return jax.jit(functools.partial(train_step, **step_kwargs),
-                 in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
+  sharded over ('data', 'fsdp'), replicated metrics and (``donate``) a donated state.
+
+  Called as ``(state, batch)``, or as ``(state, batch, teacher_params)`` when
+  ``teacher_sharding`` (the teacher parameters' shardings) is given.
+  """
+  in_shardings = (state_sharding, sharding.batch_sharding(mesh))
+  if teacher_sharding is not None:
+    in_shardings += (teacher_sharding,)
+  return jax.jit(functools.partial(train_step, **step_kwargs), in_shardings=in_shardings,
                  out_shardings=(state_sharding, sharding.replicated(mesh)),
                  donate_argnums=0 if donate else ())
 
@@ -168,10 +174,11 @@ def split_micro_batches(batch: dict[str, jax.Array], num: int) -> dict[str, jax.
   return jax.tree.map(split, batch)
 
 
-def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Module,
-               tx: optax.GradientTransformation, schedule: optax.Schedule, rng: jax.Array,
-               input_keys: tuple[str, ...] = ("inputs",), grad_accum_steps: int = 1,
-               skip_nonfinite: bool = False) -> tuple[TrainState, dict[str, jax.Array]]:
+def train_step(state: TrainState, batch: dict[str, jax.Array], teacher_params: Any = None, *,
+               model: nn.Module, tx: optax.GradientTransformation, schedule: optax.Schedule,
+               rng: jax.Array, input_keys: tuple[str, ...] = ("inputs",),
+               grad_accum_steps: int = 1, skip_nonfinite: bool = False,
+               objective=None) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer update on ``batch`` (``input_keys`` and 'targets'); returns (state, metrics).
 
   Args:
@@ -186,6 +193,9 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modu
       with the same k: it averages the k gradients and applies them once.
     skip_nonfinite: leave parameters and optimizer state unchanged when the loss or gradient
       norm is not finite (the step count still advances).
+    teacher_params, objective: an objective (``distill.Objective``) replaces the cross-entropy:
+      ``objective(params, batch, rngs, teacher_params) -> (loss, (logits, extra metrics))``;
+      the extra metrics (float32 scalars) join the returned metrics.
 
   Returns:
     (new state, metrics): float32 scalars 'loss' and 'accuracy' (means over the batch),
@@ -198,15 +208,18 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modu
   def micro_step(micro_batch, micro_rng):
     def loss_fn(params):
       dropout_rng, clustering_rng = jax.random.split(micro_rng)
+      rngs = {"dropout": dropout_rng, "clustering": clustering_rng}
+      if objective is not None:
+        return objective(params, micro_batch, rngs, teacher_params)
       logits = model.apply({"params": params}, *(micro_batch[k] for k in input_keys),
-                           train=True, rngs={"dropout": dropout_rng, "clustering": clustering_rng})
-      return cross_entropy(logits, micro_batch["targets"]).mean(), logits
-    (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    return loss, jnp.mean(correct(logits, micro_batch["targets"])), grads
+                           train=True, rngs=rngs)
+      return cross_entropy(logits, micro_batch["targets"]).mean(), (logits, {})
+    (loss, (logits, extra)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    return (loss, jnp.mean(correct(logits, micro_batch["targets"])), extra), grads
 
   opt_state = state.opt_state
   if grad_accum_steps == 1:
-    loss, accuracy, grads = micro_step(batch, step_rng)
+    (loss, accuracy, extra), grads = micro_step(batch, step_rng)
     mean_grads = grads
   else:
     k = grad_accum_steps
@@ -214,14 +227,15 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modu
 
     def accumulate(opt_state, inputs):
       micro_batch, i = inputs
-      loss, accuracy, grads = micro_step(micro_batch, jax.random.fold_in(step_rng, i))
+      values, grads = micro_step(micro_batch, jax.random.fold_in(step_rng, i))
       _, opt_state = tx.update(grads, opt_state, state.params)  # MultiSteps: zero updates.
-      return opt_state, (loss, accuracy)
+      return opt_state, values
 
-    opt_state, (losses, accuracies) = jax.lax.scan(
+    opt_state, (losses, accuracies, extras) = jax.lax.scan(
         accumulate, opt_state, (jax.tree.map(lambda x: x[:-1], micro), jnp.arange(k - 1)))
-    loss, accuracy, grads = micro_step(jax.tree.map(lambda x: x[-1], micro),
-                                       jax.random.fold_in(step_rng, k - 1))
+    (loss, accuracy, extra), grads = micro_step(jax.tree.map(lambda x: x[-1], micro),
+                                                jax.random.fold_in(step_rng, k - 1))
+    extra = jax.tree.map(lambda s, x: (jnp.sum(s) + x) / k, extras, extra)
     # The average MultiSteps is about to apply: its running mean of k - 1, plus the last.
     mean_grads = jax.tree.map(lambda g, a: a + (g - a) / k, grads, opt_state.acc_grads)
     loss = (jnp.sum(losses) + loss) / k
@@ -242,6 +256,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modu
       "grad_norm": grad_norm,
       "nonfinite": jnp.logical_not(finite).astype(jnp.float32),
       "nonfinite_steps": nonfinite_steps,
+      **extra,
   }
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                        nonfinite_steps=nonfinite_steps), metrics
@@ -394,7 +409,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
     # Model and optimizer.
     model = create_model(config, dict(dataset.model_kwargs))
-    tx, schedule = optim.create_optimizer(config)
+    # Distillation stages and model EMA (clustr_jax/distill.py): a loss, frozen parameters, a
+    # teacher, an initial checkpoint; EMA averages the parameters inside the optimizer state.
+    distillation, wrappers = None, []
+    if config.get("distill") or config.get("ema_decay"):
+      from clustr_jax import distill  # pylint: disable=g-import-not-at-top  (imports train)
+      if config.get("distill"):
+        distillation = distill.setup(config, model, dataset)
+        wrappers.append(distillation.wrap_optimizer)
+      if config.get("ema_decay"):
+        wrappers.append(lambda tx: optax.chain(tx, distill.model_ema(config.ema_decay)))
+    tx, schedule = optim.create_optimizer(
+        config, wrap=lambda tx: functools.reduce(lambda t, w: w(t), wrappers, tx))
     rng = jax.random.key(config.seed)
     init_rng, step_rng = jax.random.split(rng)
     sample = tuple(jnp.zeros((config.batch_size, *shape), dtype)
@@ -402,6 +428,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
 
     # Sharded state: shardings from the logical axis names of the boxed abstract state.
     state, state_sharding, _ = init_sharded_state(model, tx, init_rng, mesh, *sample)
+    if distillation is not None and distillation.init_checkpoint:
+      params = jax.device_put(distillation.initial_params(state.params), state_sharding.params)
+      state = state.replace(params=params, opt_state=jax.jit(
+          tx.init, out_shardings=state_sharding.opt_state)(params))
+    teacher, teacher_sharding = None, None
+    if distillation is not None and distillation.teacher_params is not None:
+      teacher_sharding = jax.tree.map(lambda _: sharding.replicated(mesh),
+                                      distillation.teacher_params)
+      teacher = jax.device_put(distillation.teacher_params, teacher_sharding)
     num_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.params))
     logging.info("Model %s with attention %r: %d parameters", config.model.name,
                  config.model.get("attention"), num_params)
@@ -424,7 +459,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     jitted_step = jit_train_step(
         state_sharding, mesh, model=model, tx=tx, schedule=schedule, rng=step_rng,
         input_keys=input_keys, grad_accum_steps=config.grad_accum_steps,
-        skip_nonfinite=config.on_nonfinite == "skip")
+        skip_nonfinite=config.on_nonfinite == "skip", teacher_sharding=teacher_sharding,
+        objective=distillation.objective if distillation else None)
+    teacher_args = () if teacher is None else (teacher,)
     p_train_step, step_flops = None, None
     peak_flops = profiling.peak_flops_per_device(jax.devices()[0], config.peak_flops_per_device)
     p_eval_step = jax.jit(functools.partial(eval_step, model=model, input_keys=input_keys),
@@ -447,11 +484,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
       for step in range(start_step + 1, config.num_train_steps + 1):
         batch = global_batch(next(train_iter), mesh)
         if p_train_step is None:
-          p_train_step = jitted_step.lower(state, batch).compile()
+          p_train_step = jitted_step.lower(state, batch, *teacher_args).compile()
           step_flops = profiling.compiled_flops(p_train_step)
           interval_start = time.time()
         tracer.before_step(step, state)
-        state, step_metrics = p_train_step(state, batch)
+        state, step_metrics = p_train_step(state, batch, *teacher_args)
         tracer.after_step(step, state)
         pending.append((step, step_metrics))
         progress.update(1)
@@ -500,11 +537,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
       val_metrics = run_eval(state.params, split="val")
     test_metrics = run_eval(state.params, split="test")
     writer.write(final_step, "test", test_metrics)
+    ema_metrics = {}
+    if config.get("ema_decay"):
+      ema = distill.ema_params(state.opt_state)
+      ema_metrics = {"val_ema": run_eval(ema, split="val"), "test_ema": run_eval(ema, split="test")}
+      writer.write(final_step, "test_ema", ema_metrics["test_ema"])
     writer.close()
 
   results = {
       "test": test_metrics,
       "val": val_metrics,
+      **ema_metrics,
       "step": final_step,
       "num_train_steps": config.num_train_steps,
       "num_params": num_params,

@@ -6,6 +6,8 @@
 ``cifar``    LRA Image: grayscale CIFAR-10 as pixel tokens (binary release or TFDS ``cifar10``).
 ``pathfinder`` the Pathfinder / Path-X generator and the LRA release-layout reader.
 ``pipeline`` deterministic, per-process sharded, checkpointable Grain train and eval iterators.
+``imagenet`` ImageNet (TFDS ``imagenet2012`` or an ImageNet-layout folder) with DeiT's
+           preprocessing; ``augment`` its timm-semantics augmentations (numpy and Pillow).
 
 The train loop sees a dataset only through ``get(config, workdir) -> Dataset`` (below): a dataset
 family module registered in ``_REGISTRY`` defines ``load_dataset(config, workdir) -> Dataset``.
@@ -33,6 +35,7 @@ _REGISTRY: dict[str, str] = {
     "aan": "clustr_jax.data.retrieval",
     "cifar10": "clustr_jax.data.cifar",
     "pathfinder": "clustr_jax.data.pathfinder",
+    "imagenet": "clustr_jax.data.imagenet",
 }
 
 
