@@ -3,8 +3,9 @@
 Each notebook reads ``CLUSTR_JAX_NOTEBOOK_SMOKE=1`` (set here) and then uses small sizes: a few
 training steps on a few hundred generated examples, short sequences, one timing repeat. The
 kernel is this interpreter (``sys.executable``, through a kernelspec written into ``tmp_path``, so
-no installed Jupyter kernel is picked up), with one CPU device as on Colab, and its working
-directory is ``tmp_path``, where the notebooks write their run directories.
+no installed Jupyter kernel is picked up), with one CPU device as on Colab and XLA's cheapest CPU
+compilation (``FAST_COMPILE_FLAGS``: at these sizes compiling is most of the time), and its
+working directory is ``tmp_path``, where the notebooks write their run directories.
 """
 
 import json
@@ -23,6 +24,7 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 NOTEBOOKS = sorted((REPO / "colab").glob("*.ipynb"))
 KERNEL_NAME = "clustr_jax_test"
 CELL_TIMEOUT_S = 600
+FAST_COMPILE_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 
 
 def notebook_id(path: pathlib.Path) -> str:
@@ -75,8 +77,9 @@ def kernel_env() -> dict[str, str]:
   env["CLUSTR_JAX_NOTEBOOK_SMOKE"] = "1"
   env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
   env["JAX_PLATFORMS"] = "cpu"
-  env["XLA_FLAGS"] = re.sub(r"--xla_force_host_platform_device_count=\d+", "",
-                            env.get("XLA_FLAGS", "")).strip()
+  # One device, and XLA's cheapest CPU compilation: the smoke sizes make compiling the main cost.
+  flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", env.get("XLA_FLAGS", ""))
+  env["XLA_FLAGS"] = f"{flags} {FAST_COMPILE_FLAGS}".strip()
   return env
 
 
