@@ -48,6 +48,8 @@ class DenseAttention(nn.Module):
     out_features: output width; default: the input width.
     dropout_rate: dropout on the attention weights (training only).
     use_bias: biases on the projections (LRA: False).
+    out_bias: bias on the output projection; None = ``use_bias`` (ViT/DeiT and ClusTR stage 4:
+      the official ``proj`` always has one, whatever qkv_bias).
     implementation: ``jax.nn.dot_product_attention``'s implementation (None = XLA choice, 'xla',
       'cudnn'); used whenever attention dropout is inactive.
     dtype: computation dtype; param_dtype: parameter dtype.
@@ -61,6 +63,7 @@ class DenseAttention(nn.Module):
   out_features: int | None = None
   dropout_rate: float = 0.0
   use_bias: bool = False
+  out_bias: bool | None = None
   implementation: str | None = None
   dtype: base.Dtype = jnp.float32
   param_dtype: base.Dtype = jnp.float32
@@ -83,5 +86,6 @@ class DenseAttention(nn.Module):
       weights = base.attention_dropout(weights, self.dropout_rate, deterministic)
       out = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(v.dtype), v)
     return base.OutputProjection(
-        self.out_features or features, self.use_bias, self.dtype, self.param_dtype,
-        name="out")(out)
+        self.out_features or features,
+        self.use_bias if self.out_bias is None else self.out_bias, self.dtype,
+        self.param_dtype, name="out")(out)

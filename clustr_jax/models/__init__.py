@@ -1,6 +1,14 @@
 """Models by name: ``get(name, **kwargs)`` builds any registered model.
 
-  lra_encoder   LRA Transformer encoder classifier (``lra.LRAEncoder``)
+  lra_encoder          LRA Transformer encoder classifier (``lra.LRAEncoder``)
+  deit_ti, deit_s,     ViT/DeiT Ti/S/B, patch 16, 224^2 (``vit.VisionTransformer``); any attention
+  deit_b               from the registry via ``attention`` / ``attention_kwargs``
+  sparsifiner_deit_s   DeiT-S with Sparsifiner attention in every block (official
+                       ``sparsifiner.py``: keep rate 0.25, reduce_n_factor 6, reduce_c_factor 2)
+  clustr_t, clustr_s,  the ClusTR pyramid, official ``ClusTR_b1``, ``_b2``, ``_b3``
+  clustr_b             (``clustr_vit.ClusTR``; 11.68M, 22.69M, 40.25M parameters)
+
+Vision models take float32 images [batch, height, width, 3] and ``train: bool``.
 """
 
 from __future__ import annotations
@@ -9,10 +17,18 @@ from typing import Any
 
 import flax.linen as nn
 
-from clustr_jax.models import lra
+from clustr_jax.models import clustr_vit, lra, vit
 
-_REGISTRY: dict[str, type[nn.Module]] = {
-    "lra_encoder": lra.LRAEncoder,
+# name -> (class, constructor defaults); keywords given to ``get`` override the defaults.
+_REGISTRY: dict[str, tuple[type[nn.Module], dict[str, Any]]] = {
+    "lra_encoder": (lra.LRAEncoder, {}),
+    "deit_ti": (vit.VisionTransformer, vit.deit("ti")),
+    "deit_s": (vit.VisionTransformer, vit.deit("s")),
+    "deit_b": (vit.VisionTransformer, vit.deit("b")),
+    "sparsifiner_deit_s": (vit.VisionTransformer, {**vit.deit("s"), "attention": "sparsifiner"}),
+    "clustr_t": (clustr_vit.ClusTR, clustr_vit.VARIANTS["b1"]),
+    "clustr_s": (clustr_vit.ClusTR, clustr_vit.VARIANTS["b2"]),
+    "clustr_b": (clustr_vit.ClusTR, clustr_vit.VARIANTS["b3"]),
 }
 
 
@@ -30,9 +46,9 @@ def get(name: str, **kwargs: Any) -> nn.Module:
   """
   if name not in _REGISTRY:
     raise ValueError(f"unknown model {name!r}; valid choices: {', '.join(_REGISTRY)}")
-  cls = _REGISTRY[name]
+  cls, defaults = _REGISTRY[name]
   valid = set(cls.__dataclass_fields__) - {"parent", "name"}
   unknown = sorted(set(kwargs) - valid)
   if unknown:
     raise ValueError(f"model {name!r} has no option(s) {unknown}; valid: {sorted(valid)}")
-  return cls(**kwargs)
+  return cls(**{**defaults, **kwargs})

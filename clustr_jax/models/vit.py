@@ -1,0 +1,320 @@
+"""ViT / DeiT image classifiers with any attention from the registry, and Sparsifiner DeiT-S.
+
+  images float32 [B, H, W, 3]
+  --patch_embed (Conv p x p, stride p)-->        [B, H/p, W/p, D] -> tokens [B, N_p, D] (row-major)
+  prepend cls_token, + pos_embed, Dropout         [B, N, D],  N = N_p + 1
+  depth x pre-LN block:  x += DropPath(Attn(LN1(x)));  x += DropPath(Mlp(LN2(x)))
+  LN (the final 'norm'), head Linear(D, classes) on the CLS token   -> logits float32 [B, classes]
+
+Source: timm ``vision_transformer.py`` as used by DeiT (Touvron et al. 2021, ``deit_tiny/small/
+base_patch16_224``) and the official Sparsifiner DeiT file (``lim142857/Sparsifiner`` @ 9a11e26,
+``src/models/sparsifiner.py``: ``PatchEmbed``, ``Block``, ``Sparsifiner``; reference notes
+``shared/reference/sparsifiner.md`` §2 and §5): LayerNorm eps 1e-6, exact (erf) GELU, Mlp
+fc1 -> GELU -> Dropout -> fc2 -> Dropout, stochastic depth rates linear in the block index from 0
+to ``drop_path_rate`` (``torch.linspace(0, rate, depth)``), Linear weights trunc-normal(0.02) with
+zero biases, cls_token and pos_embed trunc-normal(0.02), no pre-logits layer.
+
+Parameter names mirror the official state-dict keys (``clustr_jax.convert`` maps them):
+patch_embed/proj {kernel [p, p, 3, D], bias [D]}, cls_token [1, 1, D], pos_embed [1, N, D],
+blocks_{i}/{norm1, attn, norm2, mlp/fc1, mlp/fc2}, norm, head. The attention's own parameters are
+those of the registry module (dense: query/key/value/out; sparsifiner: query/key/value/proj and
+mask_predictor; see ``clustr_jax/attention``).
+
+Where we differ from timm: the attention projections keep the attention modules' own
+initialisation (xavier-uniform, zero biases; the codebase default) instead of trunc-normal(0.02);
+the patch-embedding conv is lecun-normal (PyTorch's default Conv2d init is a kaiming-uniform
+variant of the same fan-in scale). Neither changes a converted model.
+
+Sown into 'intermediates' besides the attention modules' own tensors (e.g. Sparsifiner's
+'approx_attn', 'unmasked_attn', 'attn_mask' under blocks_{i}/attn): 'features', the final-
+normalised patch tokens [B, N_p, D] in ``dtype`` (the official Sparsifiner ``features``, used by
+the token-distillation MSE).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from clustr_jax import attention as attention_lib
+
+Dtype = Any
+
+#: timm's trunc_normal_(std=.02) cuts at +-2 in absolute value, i.e. +-100 standard deviations.
+trunc_normal_02 = nn.initializers.truncated_normal(stddev=0.02, lower=-100.0, upper=100.0)
+
+#: The official ViT/DeiT and ClusTR blocks use exact (erf) GELU, PyTorch's default.
+def gelu(x: jax.Array) -> jax.Array:
+  """Exact GELU x Phi(x) (PyTorch ``nn.GELU()``; JAX's default is the tanh approximation)."""
+  return jax.nn.gelu(x, approximate=False)
+
+
+def layer_norm(epsilon: float, dtype: Dtype, name: str) -> nn.LayerNorm:
+  """LayerNorm with logically named scale and bias ('embed',): weight 1, bias 0."""
+  return nn.LayerNorm(
+      epsilon=epsilon, dtype=dtype, name=name,
+      scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",)),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",)))
+
+
+def dense(features: int, axes: tuple[str, str], dtype: Dtype, name: str,
+          use_bias: bool = True) -> nn.Dense:
+  """Linear layer with trunc-normal(0.02) kernel and zero bias (timm ``_init_weights``)."""
+  return nn.Dense(
+      features, use_bias=use_bias, dtype=dtype, name=name,
+      kernel_init=nn.with_logical_partitioning(trunc_normal_02, axes),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (axes[1],)))
+
+
+class DropPath(nn.Module):
+  """Stochastic depth (timm ``DropPath``): zero a whole sample's branch with probability ``rate``
+  and scale the kept ones by 1 / (1 - rate); rng stream 'dropout'. Identity when deterministic.
+
+  Call: x [B, ...] -> same shape and dtype.
+  """
+  rate: float
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, deterministic: bool) -> jax.Array:
+    if deterministic or self.rate == 0.0:
+      return x
+    keep = 1.0 - self.rate
+    shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+    kept = jax.random.bernoulli(self.make_rng("dropout"), keep, shape)
+    return jnp.where(kept, x / jnp.asarray(keep, x.dtype), jnp.zeros_like(x))
+
+
+def drop_path_rates(rate: float, depth: int) -> list[float]:
+  """Linear stochastic-depth rule: block i of ``depth`` gets rate * i / (depth - 1)
+  (``torch.linspace(0, rate, depth)``, float32 as torch computes it)."""
+  if depth == 1:
+    return [0.0]
+  return [float(r) for r in np.linspace(0.0, rate, depth, dtype=np.float32)]
+
+
+def build_attention(name: str, options: Mapping[str, Any], *, num_heads: int, features: int,
+                    qkv_bias: bool, dropout_rate: float, dtype: Dtype,
+                    module_name: str = "attn") -> nn.Module:
+  """An attention module of the registry for a width-``features`` vision block.
+
+  ``qkv_bias`` goes to the module's ``use_bias`` (for 'dense' only to q/k/v: its output
+  projection always has a bias, as the official ``proj``); ``options`` are the mechanism's own
+  fields and override everything else.
+
+  Raises:
+    ValueError: unknown attention name, an option the module does not have, or a required
+      option missing (e.g. CAST's num_clusters / cluster_size); the message names them.
+  """
+  cls = attention_lib.get(name)
+  fields = {f.name: f for f in dataclasses.fields(cls) if f.name not in ("parent", "name")}
+  kwargs: dict[str, Any] = dict(num_heads=num_heads, qkv_features=features,
+                                out_features=features, dropout_rate=dropout_rate, dtype=dtype)
+  if "use_bias" in fields:
+    kwargs["use_bias"] = qkv_bias
+  if "out_bias" in fields:
+    kwargs["out_bias"] = True
+  unknown = sorted(set(options) - set(fields))
+  if unknown:
+    raise ValueError(f"attention {name!r} has no option(s) {unknown}; valid: {sorted(fields)}")
+  kwargs.update(options)
+  missing = sorted(f for f, spec in fields.items() if f not in kwargs
+                   and spec.default is dataclasses.MISSING
+                   and spec.default_factory is dataclasses.MISSING)
+  if missing:
+    raise ValueError(f"attention {name!r} needs option(s) {missing}: set them in "
+                     "attention_kwargs")
+  return cls(**kwargs, name=module_name)
+
+
+class PatchEmbed(nn.Module):
+  """Patch embedding: Conv2d (kernel k, stride s, zero padding p on every side) then an optional
+  LayerNorm, tokens flattened row-major over (H, W) (timm ``PatchEmbed``: k = s = 16, p = 0, no
+  norm; ClusTR ``OverlapPatchEmbed``: k = 7, s = 4, p = 3 or k = 3, s = 2, p = 1, LayerNorm eps
+  1e-5). Explicit padding: ``"SAME"`` would pad (1, 2) instead of (3, 3) at stride 4.
+
+  Call: x [B, H, W, C_in] -> (tokens [B, H' W', features] in ``dtype``, (H', W')) with
+  H' = (H + 2p - k) // s + 1. Parameters: proj {kernel [k, k, C_in, features], bias
+  [features]} (the official weight (O, I, k, k) transposed to (k, k, I, O)), norm {scale, bias}.
+  """
+  features: int
+  kernel: int
+  stride: int
+  padding: int
+  norm_eps: float | None
+  dtype: Dtype = jnp.float32
+  kernel_init: Callable[..., jax.Array] = nn.initializers.lecun_normal()
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> tuple[jax.Array, tuple[int, int]]:
+    pad = self.padding
+    x = nn.Conv(
+        self.features, (self.kernel, self.kernel), strides=self.stride,
+        padding=((pad, pad), (pad, pad)), dtype=self.dtype, name="proj",
+        kernel_init=nn.with_logical_partitioning(self.kernel_init, (None, None, None, "embed")),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",)))(
+            x.astype(self.dtype))
+    batch, height, width, _ = x.shape
+    x = x.reshape(batch, height * width, self.features)
+    if self.norm_eps is not None:
+      x = layer_norm(self.norm_eps, self.dtype, "norm")(x)
+    return nn.with_logical_constraint(x, ("batch", "length", "activation_embed")), (height, width)
+
+
+class Mlp(nn.Module):
+  """fc1 (D -> hidden) -> exact GELU -> Dropout -> fc2 (hidden -> D) -> Dropout (timm ``Mlp``).
+
+  Call: x [B, N, D] -> [B, N, D] in ``dtype``.
+  """
+  hidden: int
+  dropout_rate: float = 0.0
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, deterministic: bool) -> jax.Array:
+    features = x.shape[-1]
+    h = dense(self.hidden, ("embed", "mlp"), self.dtype, "fc1")(x)
+    h = nn.with_logical_constraint(h, ("batch", "length", "activation_mlp"))
+    h = nn.Dropout(self.dropout_rate)(gelu(h), deterministic=deterministic)
+    h = dense(features, ("mlp", "embed"), self.dtype, "fc2")(h)
+    return nn.Dropout(self.dropout_rate)(h, deterministic=deterministic)
+
+
+class Block(nn.Module):
+  """Pre-LN ViT block: x += DropPath(Attn(LN1(x))); x += DropPath(Mlp(LN2(x))); LN eps 1e-6.
+
+  Call: x [B, N, D] -> [B, N, D] in ``dtype``.
+  """
+  num_heads: int
+  mlp_ratio: float
+  qkv_bias: bool
+  drop_rate: float
+  attn_drop_rate: float
+  drop_path_rate: float
+  attention: str
+  attention_kwargs: Mapping[str, Any]
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, deterministic: bool) -> jax.Array:
+    features = x.shape[-1]
+    attn = build_attention(self.attention, self.attention_kwargs, num_heads=self.num_heads,
+                           features=features, qkv_bias=self.qkv_bias,
+                           dropout_rate=self.attn_drop_rate, dtype=self.dtype)
+    drop_path = DropPath(self.drop_path_rate)
+    y = attn(layer_norm(1e-6, self.dtype, "norm1")(x), deterministic=deterministic)
+    y = nn.Dropout(self.drop_rate)(y, deterministic=deterministic)        # timm proj_drop
+    x = x + drop_path(y, deterministic=deterministic)
+    x = nn.with_logical_constraint(x, ("batch", "length", "activation_embed"))
+    y = Mlp(int(features * self.mlp_ratio), self.drop_rate, self.dtype, name="mlp")(
+        layer_norm(1e-6, self.dtype, "norm2")(x), deterministic=deterministic)
+    x = x + drop_path(y, deterministic=deterministic)
+    return nn.with_logical_constraint(x, ("batch", "length", "activation_embed"))
+
+
+def check_images(images: jax.Array, name: str, size: tuple[int, int] | None = None) -> None:
+  """Raises ValueError unless ``images`` is a float array [B, H, W, 3] (of spatial ``size``)."""
+  if images.ndim != 4 or images.shape[-1] != 3:
+    raise ValueError(f"{name}: images must be [batch, height, width, 3]; got shape "
+                     f"{tuple(images.shape)}")
+  if not jnp.issubdtype(images.dtype, jnp.floating):
+    raise ValueError(f"{name}: images must be floating point (normalised); got {images.dtype}")
+  if size is not None and tuple(images.shape[1:3]) != tuple(size):
+    raise ValueError(f"{name}: images must be {size[0]}x{size[1]} (img_size={size[0]}, which "
+                     f"fixes pos_embed); got {images.shape[1]}x{images.shape[2]}")
+
+
+class VisionTransformer(nn.Module):
+  """ViT / DeiT classifier (timm ``VisionTransformer``), any registry attention per block.
+
+  Attributes (official constructor names):
+    num_classes: classes of the head (keyword-only).
+    img_size: square input side (fixes pos_embed: N = (img_size // patch_size)^2 + 1).
+    patch_size: patch side p (the patch-embedding conv kernel and stride).
+    embed_dim, depth, num_heads, mlp_ratio, qkv_bias: sizes (DeiT-S: 384, 12, 6, 4, True).
+    drop_rate: dropout after pos_embed, in the Mlp and after the attention projection.
+    attn_drop_rate: attention-weight dropout (passed to the attention module).
+    drop_path_rate: stochastic depth, linear from 0 (first block) to this (last block).
+    attention: registry name of the mechanism ('dense', 'clustr', 'cast', 'sparsifiner').
+    attention_kwargs: the mechanism's own options (e.g. {'recon_mode': True} for Sparsifiner
+      stage 1, {'num_clusters': 16, 'cluster_size': 16} for CAST).
+    layer_attention_kwargs: per-block options merged over ``attention_kwargs`` (length
+      ``depth``), e.g. the official Sparsifiner ``attn_keep_rate_list`` as
+      ({'keep_rate': r} for r in rates).
+    dtype: computation dtype (parameters float32; logits float32).
+
+  Call: images float32 [B, img_size, img_size, 3], ``train`` bool (dropout and drop path with
+  rng 'dropout') -> logits float32 [B, num_classes].
+
+  Raises:
+    ValueError: images not [B, img_size, img_size, 3] floats, img_size not divisible by
+      patch_size, embed_dim not divisible by num_heads, layer_attention_kwargs of the wrong
+      length, or an attention error (see ``build_attention``).
+  """
+  num_classes: int = dataclasses.field(kw_only=True)
+  img_size: int = 224
+  patch_size: int = 16
+  embed_dim: int = 768
+  depth: int = 12
+  num_heads: int = 12
+  mlp_ratio: float = 4.0
+  qkv_bias: bool = True
+  drop_rate: float = 0.0
+  attn_drop_rate: float = 0.0
+  drop_path_rate: float = 0.0
+  attention: str = "dense"
+  attention_kwargs: Mapping[str, Any] | None = None
+  layer_attention_kwargs: Sequence[Mapping[str, Any]] | None = None
+  dtype: Dtype = jnp.float32
+
+  def _check(self) -> None:
+    name = type(self).__name__
+    if self.img_size % self.patch_size:
+      raise ValueError(f"{name}: img_size={self.img_size} must be divisible by "
+                       f"patch_size={self.patch_size}")
+    if self.embed_dim % self.num_heads:
+      raise ValueError(f"{name}: embed_dim={self.embed_dim} must be divisible by "
+                       f"num_heads={self.num_heads}")
+    if self.layer_attention_kwargs is not None and len(self.layer_attention_kwargs) != self.depth:
+      raise ValueError(f"{name}: layer_attention_kwargs has {len(self.layer_attention_kwargs)} "
+                       f"entries; need depth={self.depth}")
+
+  @nn.compact
+  def __call__(self, images: jax.Array, *, train: bool = False) -> jax.Array:
+    self._check()
+    check_images(images, type(self).__name__, (self.img_size, self.img_size))
+    deterministic = not train
+    x, _ = PatchEmbed(self.embed_dim, self.patch_size, self.patch_size, 0, None, self.dtype,
+                      name="patch_embed")(images)                          # [B, N_p, D]
+    batch = x.shape[0]
+    cls = self.param("cls_token", nn.with_logical_partitioning(
+        trunc_normal_02, (None, None, "embed")), (1, 1, self.embed_dim))
+    x = jnp.concatenate([jnp.broadcast_to(cls, (batch, 1, self.embed_dim)).astype(x.dtype), x],
+                        axis=1)
+    pos = self.param("pos_embed", nn.with_logical_partitioning(
+        trunc_normal_02, (None, "length", "embed")), (1, x.shape[1], self.embed_dim))
+    x = nn.Dropout(self.drop_rate)(x + pos.astype(x.dtype), deterministic=deterministic)
+    x = nn.with_logical_constraint(x, ("batch", "length", "activation_embed"))
+    base_options = dict(self.attention_kwargs or {})
+    for i, rate in enumerate(drop_path_rates(self.drop_path_rate, self.depth)):
+      options = dict(base_options)
+      if self.layer_attention_kwargs is not None:
+        options.update(self.layer_attention_kwargs[i])
+      x = Block(self.num_heads, self.mlp_ratio, self.qkv_bias, self.drop_rate,
+                self.attn_drop_rate, rate, self.attention, options, self.dtype,
+                name=f"blocks_{i}")(x, deterministic=deterministic)
+    x = layer_norm(1e-6, self.dtype, "norm")(x)
+    self.sow("intermediates", "features", x[:, 1:])
+    return dense(self.num_classes, ("embed", "classes"), jnp.float32, "head")(
+        x[:, 0].astype(jnp.float32))
+
+
+def deit(size: str) -> dict[str, Any]:
+  """Constructor defaults of DeiT-``size`` ('ti', 's', 'b'; patch 16, 224^2, depth 12)."""
+  width, heads = {"ti": (192, 3), "s": (384, 6), "b": (768, 12)}[size]
+  return dict(embed_dim=width, num_heads=heads, depth=12, patch_size=16, img_size=224,
+              mlp_ratio=4.0, qkv_bias=True)
