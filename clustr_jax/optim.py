@@ -11,13 +11,23 @@ product of named factors, written as a string such as ``"constant*linear_warmup*
 ``step`` is the number of updates already applied (0 for the first), as in LRA's loop. The
 optimizer is LRA's Adam (b1 0.9, b2 0.98, eps 1e-9) with decoupled weight decay applied to every
 parameter, i.e. ``optax.adamw`` without a mask (param <- param - lr * wd * param).
+
+Gradient clipping (``optax.clip_by_global_norm``) comes first in the chain; with
+``grad_accum_steps`` k > 1 the whole chain is wrapped in ``optax.MultiSteps(every_k_schedule=k)``,
+which averages k micro-batch gradients and then clips and applies them once, so the schedule and
+Adam's moments advance once per update.
 """
 
 from __future__ import annotations
 
+import re
+
+import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
+
+from clustr_jax import defaults
 
 FACTORS = ("constant", "linear_warmup", "rsqrt_decay", "cosine_decay")
 
@@ -57,23 +67,38 @@ def create_learning_rate_schedule(factors: str, base_learning_rate: float, warmu
   return schedule
 
 
-def create_optimizer(config: ml_collections.ConfigDict) -> tuple[optax.GradientTransformation,
-                                                                  optax.Schedule]:
+def create_optimizer(config: ml_collections.ConfigDict, wrap=None
+                     ) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """Builds (optimizer, schedule) from the run config.
 
   Reads ``learning_rate``, ``schedule`` (factor string), ``warmup_steps``, ``num_train_steps``
   (the cosine cycle), ``optimizer`` ('adamw' or 'sgd'), ``adam_b1``, ``adam_b2``, ``adam_eps``,
-  ``weight_decay`` and ``grad_clip_norm`` (None or <= 0: no clipping).
+  ``weight_decay``, ``grad_clip_norm`` (None or <= 0: no clipping) and ``grad_accum_steps``
+  (> 1: ``optax.MultiSteps``); unset keys take ``clustr_jax.defaults``.
 
   Raises:
-    ValueError: unknown optimizer name or schedule factor.
+    ValueError: unknown optimizer name or schedule factor, or ``grad_accum_steps`` < 1.
+
+  Vision recipes (timm, below) add: ``schedule='timm_cosine'`` with ``warmup_init_lr``,
+  ``min_lr`` and ``cooldown_steps``; ``weight_decay_skip`` (None: decay every parameter).
+  ``wrap`` (e.g. freezing and EMA from ``clustr_jax.distill``) wraps the clipped optimizer,
+  inside gradient accumulation.
   """
-  schedule = create_learning_rate_schedule(
-      config.schedule, config.learning_rate, config.warmup_steps,
-      config.get("steps_per_cycle") or config.num_train_steps - config.warmup_steps)
+  config = defaults.with_defaults(config)
+  if config.schedule == "timm_cosine":
+    schedule = timm_cosine_schedule(
+        config.learning_rate, config.warmup_steps,
+        config.num_train_steps - config.get("cooldown_steps", 0),
+        warmup_init_lr=config.get("warmup_init_lr", 0.0), min_lr=config.get("min_lr", 0.0))
+  else:
+    schedule = create_learning_rate_schedule(
+        config.schedule, config.learning_rate, config.warmup_steps,
+        config.get("steps_per_cycle") or config.num_train_steps - config.warmup_steps)
   if config.optimizer == "adamw":
+    skip = config.get("weight_decay_skip")
     tx = optax.adamw(schedule, b1=config.adam_b1, b2=config.adam_b2, eps=config.adam_eps,
-                     weight_decay=config.weight_decay)
+                     weight_decay=config.weight_decay,
+                     mask=None if skip is None else weight_decay_mask(tuple(skip)))
   elif config.optimizer == "sgd":
     tx = optax.chain(optax.add_decayed_weights(config.weight_decay),
                      optax.sgd(schedule, momentum=config.get("momentum")))
@@ -82,4 +107,59 @@ def create_optimizer(config: ml_collections.ConfigDict) -> tuple[optax.GradientT
   clip = config.get("grad_clip_norm")
   if clip is not None and clip > 0:
     tx = optax.chain(optax.clip_by_global_norm(clip), tx)
+  if wrap is not None:
+    tx = wrap(tx)
+  accum = config.grad_accum_steps
+  if not isinstance(accum, int) or accum < 1:
+    raise ValueError(f"config.grad_accum_steps must be an int >= 1; got {accum!r}")
+  if accum > 1:
+    tx = optax.MultiSteps(tx, every_k_schedule=accum).gradient_transformation()
   return tx, schedule
+
+
+# ---------------------------------------------------------------------------------------------
+# Vision recipes (DeiT / ClusTR / Sparsifiner train with timm's scheduler and AdamW groups).
+# ---------------------------------------------------------------------------------------------
+def timm_cosine_schedule(base_learning_rate: float, warmup_steps: int, cosine_steps: int, *,
+                         warmup_init_lr: float = 0.0, min_lr: float = 0.0) -> optax.Schedule:
+  """timm ``CosineLRScheduler`` (one cycle, ``warmup_prefix=False``), per step instead of per
+  epoch: ``warmup_init_lr + t (lr - warmup_init_lr) / warmup_steps`` for t < warmup_steps, then
+  ``min_lr + (lr - min_lr) (1 + cos(pi t / cosine_steps)) / 2`` (the warmup counts towards the
+  cosine, as in timm), and ``min_lr`` after ``cosine_steps`` (DeiT's cooldown epochs).
+
+  Raises:
+    ValueError: ``cosine_steps`` < 1 or ``warmup_steps`` < 0.
+  """
+  if cosine_steps < 1 or warmup_steps < 0:
+    raise ValueError(f"timm_cosine: num_train_steps - cooldown_steps = {cosine_steps} must be "
+                     f">= 1 and warmup_steps = {warmup_steps} >= 0")
+
+  def schedule(step):
+    t = jnp.asarray(step, jnp.float32)
+    cosine = min_lr + 0.5 * (base_learning_rate - min_lr) * (
+        1.0 + jnp.cos(jnp.pi * jnp.minimum(t, cosine_steps) / cosine_steps))
+    if warmup_steps == 0:
+      return cosine
+    warmup = warmup_init_lr + t * (base_learning_rate - warmup_init_lr) / warmup_steps
+    return jnp.where(t < warmup_steps, warmup, cosine)
+
+  return schedule
+
+
+def weight_decay_mask(skip: tuple[str, ...]):
+  """timm ``add_weight_decay``'s groups as an optax mask function: no decay for biases, norm
+  scales and other vectors (torch's 1-D parameters; Flax's ``bias`` / ``scale`` leaves of any
+  rank) and for parameters whose path contains one of ``skip`` (e.g. 'pos_embed', 'cls_token',
+  timm's ``no_weight_decay()``)."""
+  pattern = re.compile("|".join(re.escape(s) for s in skip)) if skip else None
+
+  def mask(params):
+    def decays(path, leaf):
+      names = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
+      names = [n for n in names if n != "value"]  # nn.Partitioned boxes.
+      if names and names[-1] in ("bias", "scale") or jnp.ndim(leaf) <= 1:
+        return False
+      return not (pattern and pattern.search("/".join(names)))
+    return jax.tree_util.tree_map_with_path(decays, params)
+
+  return mask

@@ -93,3 +93,34 @@ def logical_to_sharding(tree: Any, mesh: jax.sharding.Mesh,
   """
   specs = nn.get_partition_spec(tree)
   return nn.logical_to_mesh_sharding(specs, mesh, rules)
+
+
+def check_divisible(abstract: Any, shardings: Any) -> None:
+  """Checks that every sharded dimension divides evenly over its mesh axes.
+
+  Args:
+    abstract: a tree of arrays or ``jax.ShapeDtypeStruct``, boxed (``nn.LogicallyPartitioned``
+      leaves, e.g. ``jax.eval_shape`` of an init function) or not.
+    shardings: the matching tree of ``NamedSharding`` (``logical_to_sharding``).
+
+  Raises:
+    ValueError: naming the parameter path, its shape, the partition spec and the mesh axis sizes
+      (set by ``config.mesh.*``), and the model size to change.
+  """
+  boxed = lambda x: isinstance(x, nn.meta.AxisMetadata)  # noqa: E731
+  flat, _ = jax.tree_util.tree_flatten_with_path(abstract, is_leaf=boxed)
+  flat_shardings = jax.tree.leaves(shardings)
+  for (path, leaf), named in zip(flat, flat_shardings, strict=True):
+    shape = leaf.value.shape if boxed(leaf) else leaf.shape
+    mesh_shape = dict(named.mesh.shape)
+    for dim, (size, axes) in enumerate(zip(shape, named.spec)):
+      if axes is None:
+        continue
+      axes = (axes,) if isinstance(axes, str) else tuple(axes)
+      shards = int(np.prod([mesh_shape[a] for a in axes]))
+      if size % shards:
+        raise ValueError(
+            f"{jax.tree_util.keystr(path)} of shape {tuple(shape)} is sharded as "
+            f"{named.spec}: dimension {dim} (size {size}) is not divisible by "
+            + " * ".join(f"config.mesh.{a}={mesh_shape[a]}" for a in axes)
+            + "; change the model size or the mesh")

@@ -21,7 +21,7 @@ import functools
 import json
 import pathlib
 import time
-from typing import Any, Iterator
+from typing import Any
 
 import flax
 import flax.linen as nn
@@ -33,10 +33,13 @@ import optax
 from absl import logging
 from tqdm import tqdm
 
+from clustr_jax import attention as attention_lib
 from clustr_jax import checkpointing
+from clustr_jax import defaults
 from clustr_jax import metrics as metrics_lib
 from clustr_jax import models
 from clustr_jax import optim
+from clustr_jax import profiling
 from clustr_jax import sharding
 from clustr_jax import data as data_lib
 
@@ -45,7 +48,8 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 @flax.struct.dataclass
 class TrainState:
-  """Everything a step changes: the step count, parameters and optimizer state (a pytree).
+  """Everything a step changes: the step count, parameters, optimizer state (pytrees) and the
+  number of updates skipped for a non-finite loss or gradient (``on_nonfinite='skip'``).
 
   Dropout randomness is ``fold_in(key(config.seed), step)``, so it needs no state of its own and
   a resumed run draws exactly the masks an uninterrupted run draws.
@@ -53,6 +57,7 @@ class TrainState:
   step: jax.Array
   params: Any
   opt_state: Any
+  nonfinite_steps: jax.Array
 
 
 # ---------------------------------------------------------------------------------------------
@@ -88,7 +93,8 @@ def create_train_state(model: nn.Module, tx: optax.GradientTransformation, rng: 
   ``sample_inputs`` are the model's positional inputs (``Dataset.input_keys``) for one batch.
   """
   params = model.init({"params": rng, "dropout": rng}, *sample_inputs, train=False)["params"]
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                    nonfinite_steps=jnp.zeros((), jnp.int32))
 
 
 def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
@@ -113,29 +119,104 @@ def correct(logits: jax.Array, targets: jax.Array) -> jax.Array:
   return (jnp.argmax(logits, -1) == targets).astype(jnp.float32)
 
 
-def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Module,
-               tx: optax.GradientTransformation, schedule: optax.Schedule, rng: jax.Array,
-               input_keys: tuple[str, ...] = ("inputs",)
-               ) -> tuple[TrainState, dict[str, jax.Array]]:
-  """One optimizer update on ``batch`` (``input_keys`` and 'targets'); returns (state, metrics)."""
+def split_micro_batches(batch: dict[str, jax.Array], num: int) -> dict[str, jax.Array]:
+  """[batch, ...] -> [num, batch / num, ...]: micro-batch i holds rows i, i + num, i + 2 num, ...
+
+  Strided rows keep every micro-batch spread over all data-parallel shards (each device holds
+  its own rows of every micro-batch), so no data moves between devices.
+  """
+  def split(x):
+    x = x.reshape(x.shape[0] // num, num, *x.shape[1:]).swapaxes(0, 1)
+    return nn.with_logical_constraint(x, (None, "batch") + (None,) * (x.ndim - 2))
+  return jax.tree.map(split, batch)
+
+
+def train_step(state: TrainState, batch: dict[str, jax.Array], teacher_params: Any = None, *,
+               model: nn.Module, tx: optax.GradientTransformation, schedule: optax.Schedule,
+               rng: jax.Array, input_keys: tuple[str, ...] = ("inputs",),
+               grad_accum_steps: int = 1, skip_nonfinite: bool = False,
+               objective=None) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One optimizer update on ``batch`` (``input_keys`` and 'targets'); returns (state, metrics).
+
+  Args:
+    state: the current ``TrainState``.
+    batch: ``{key: [batch, ...]}``; 'targets' int [batch] or float [batch, classes].
+    model, tx, schedule: the model, optimizer (``optim.create_optimizer``) and its schedule.
+    rng: the run's step key; this step uses ``fold_in(rng, state.step)``.
+    input_keys: the model's positional inputs.
+    grad_accum_steps: k > 1 splits the batch into k micro-batches (``split_micro_batches``;
+      batch must be divisible by k), runs them one after another (``lax.scan``, so activations
+      of one micro-batch at a time) through ``tx``, which must then be an ``optax.MultiSteps``
+      with the same k: it averages the k gradients and applies them once.
+    skip_nonfinite: leave parameters and optimizer state unchanged when the loss or gradient
+      norm is not finite (the step count still advances).
+    teacher_params, objective: an objective (``distill.Objective``) replaces the cross-entropy:
+      ``objective(params, batch, rngs, teacher_params) -> (loss, (logits, extra metrics))``;
+      the extra metrics (float32 scalars) join the returned metrics.
+
+  Returns:
+    (new state, metrics): float32 scalars 'loss' and 'accuracy' (means over the batch),
+    'learning_rate' (of this update), 'grad_norm' (global norm of the averaged gradient, before
+    clipping), 'nonfinite' (1.0 if this update's loss or gradient was not finite) and int32
+    'nonfinite_steps' (the run's count).
+  """
   step_rng = jax.random.fold_in(rng, state.step)
-  dropout_rng, clustering_rng = jax.random.split(step_rng)
 
-  def loss_fn(params):
-    logits = model.apply({"params": params}, *(batch[k] for k in input_keys), train=True,
-                         rngs={"dropout": dropout_rng, "clustering": clustering_rng})
-    return cross_entropy(logits, batch["targets"]).mean(), logits
+  def micro_step(micro_batch, micro_rng):
+    def loss_fn(params):
+      dropout_rng, clustering_rng = jax.random.split(micro_rng)
+      rngs = {"dropout": dropout_rng, "clustering": clustering_rng}
+      if objective is not None:
+        return objective(params, micro_batch, rngs, teacher_params)
+      logits = model.apply({"params": params}, *(micro_batch[k] for k in input_keys),
+                           train=True, rngs=rngs)
+      return cross_entropy(logits, micro_batch["targets"]).mean(), (logits, {})
+    (loss, (logits, extra)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    return (loss, jnp.mean(correct(logits, micro_batch["targets"])), extra), grads
 
-  (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  opt_state = state.opt_state
+  if grad_accum_steps == 1:
+    (loss, accuracy, extra), grads = micro_step(batch, step_rng)
+    mean_grads = grads
+  else:
+    k = grad_accum_steps
+    micro = split_micro_batches(batch, k)
+
+    def accumulate(opt_state, inputs):
+      micro_batch, i = inputs
+      values, grads = micro_step(micro_batch, jax.random.fold_in(step_rng, i))
+      _, opt_state = tx.update(grads, opt_state, state.params)  # MultiSteps: zero updates.
+      return opt_state, values
+
+    opt_state, (losses, accuracies, extras) = jax.lax.scan(
+        accumulate, opt_state, (jax.tree.map(lambda x: x[:-1], micro), jnp.arange(k - 1)))
+    (loss, accuracy, extra), grads = micro_step(jax.tree.map(lambda x: x[-1], micro),
+                                                jax.random.fold_in(step_rng, k - 1))
+    extra = jax.tree.map(lambda s, x: (jnp.sum(s) + x) / k, extras, extra)
+    # The average MultiSteps is about to apply: its running mean of k - 1, plus the last.
+    mean_grads = jax.tree.map(lambda g, a: a + (g - a) / k, grads, opt_state.acc_grads)
+    loss = (jnp.sum(losses) + loss) / k
+    accuracy = (jnp.sum(accuracies) + accuracy) / k
+  updates, opt_state = tx.update(grads, opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
+  grad_norm = optax.tree.norm(mean_grads)
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  if skip_nonfinite:
+    keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
+    params = jax.tree.map(keep, params, state.params)
+    opt_state = jax.tree.map(keep, opt_state, state.opt_state)
+  nonfinite_steps = state.nonfinite_steps + jnp.logical_not(finite).astype(jnp.int32)
   metrics = {
       "loss": loss,
-      "accuracy": jnp.mean(correct(logits, batch["targets"])),
+      "accuracy": accuracy,
       "learning_rate": schedule(state.step),
-      "grad_norm": optax.tree.norm(grads),
+      "grad_norm": grad_norm,
+      "nonfinite": jnp.logical_not(finite).astype(jnp.float32),
+      "nonfinite_steps": nonfinite_steps,
+      **extra,
   }
-  return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+  return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                       nonfinite_steps=nonfinite_steps), metrics
 
 
 def eval_step(params: Any, batch: dict[str, jax.Array], *, model: nn.Module,
@@ -164,22 +245,85 @@ def evaluate(step_fn, params: Any, dataset: data_lib.Dataset, split: str, *, bat
 
 
 def validate_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None:
-  """Checks the config against the mesh and itself; raises ValueError naming the key."""
+  """Checks the config (with ``defaults`` applied) against the mesh and itself.
+
+  Raises:
+    ValueError: naming the key: unknown model or attention name (with the valid choices), batch
+      sizes not divisible by the data-parallel size (times ``grad_accum_steps``) or the process
+      count, non-positive intervals, unknown dtype or ``on_nonfinite``, heads that do not divide
+      ``qkv_dim``.
+  """
+  if config.model.name not in models.names():
+    raise ValueError(f"config.model.name={config.model.name!r} unknown; valid: "
+                     f"{', '.join(models.names())}")
+  if "attention" in config.model and config.model.attention not in attention_lib.names():
+    raise ValueError(f"config.model.attention={config.model.attention!r} unknown; valid: "
+                     f"{', '.join(attention_lib.names())}")
+  if config.model.get("dtype", "float32") not in DTYPES:
+    raise ValueError(f"config.model.dtype={config.model.dtype!r} unknown; valid: "
+                     f"{', '.join(DTYPES)}")
+  heads, qkv = config.model.get("num_heads"), config.model.get("qkv_dim")
+  if heads and qkv and qkv % heads:
+    raise ValueError(f"config.model.qkv_dim={qkv} must be divisible by "
+                     f"config.model.num_heads={heads}")
+  accum = config.grad_accum_steps
+  if not isinstance(accum, int) or accum < 1:
+    raise ValueError(f"config.grad_accum_steps must be an int >= 1; got {accum!r}")
   dp = sharding.data_parallel_size(mesh)
-  for key in ("batch_size", "eval_batch_size"):
+  for key, multiple in (("batch_size", accum), ("eval_batch_size", 1)):
     value = config[key]
-    if value < 1 or value % dp:
-      raise ValueError(f"config.{key}={value} must be a positive multiple of the data-parallel "
-                       f"size data*fsdp={dp}")
+    if value < 1 or value % (dp * multiple):
+      raise ValueError(
+          f"config.{key}={value} must be a positive multiple of the data-parallel size "
+          f"data*fsdp={dp}" + (f" times config.grad_accum_steps={accum}" if multiple > 1 else ""))
     if value % jax.process_count():
       raise ValueError(f"config.{key}={value} must be divisible by the number of processes "
                        f"({jax.process_count()})")
   for key in ("num_train_steps", "log_every_steps", "eval_every_steps", "checkpoint_every_steps"):
     if config[key] < 1:
       raise ValueError(f"config.{key} must be >= 1; got {config[key]}")
-  if config.model.get("dtype", "float32") not in DTYPES:
-    raise ValueError(f"config.model.dtype={config.model.dtype!r} unknown; valid: "
-                     f"{', '.join(DTYPES)}")
+  if config.on_nonfinite not in defaults.NONFINITE_POLICIES:
+    raise ValueError(f"config.on_nonfinite={config.on_nonfinite!r} unknown; valid: "
+                     f"{', '.join(defaults.NONFINITE_POLICIES)}")
+  if config.max_nonfinite_steps < 0:
+    raise ValueError(f"config.max_nonfinite_steps must be >= 0; got {config.max_nonfinite_steps}")
+
+
+def check_finite(records: list[tuple[int, dict[str, float]]], config: ml_collections.ConfigDict,
+                 ckpt: checkpointing.Checkpointer) -> None:
+  """Stops the run on non-finite steps among ``records`` ((step, metrics) in step order).
+
+  With ``on_nonfinite='stop'`` the first such step raises; with 'skip' each is logged, and the run
+  stops once more than ``max_nonfinite_steps`` were skipped. Called before every checkpoint, so
+  none is written after a step that stops the run.
+
+  Raises:
+    FloatingPointError: giving the step, its loss and gradient norm, and the last checkpoint.
+  """
+  for step, values in records:
+    if not values["nonfinite"]:
+      continue
+    where = (f"loss={values['loss']}, grad_norm={values['grad_norm']} at step {step}; the last "
+             f"good checkpoint is step {ckpt.latest_step()} in {ckpt.directory}")
+    if config.on_nonfinite == "stop":
+      raise FloatingPointError(f"non-finite {where} (config.on_nonfinite='skip' skips such "
+                               f"updates)")
+    logging.warning("Skipped the update of step %d: non-finite loss=%s, grad_norm=%s (%d skipped "
+                    "so far)", step, values["loss"], values["grad_norm"],
+                    values["nonfinite_steps"])
+    if values["nonfinite_steps"] > config.max_nonfinite_steps:
+      raise FloatingPointError(
+          f"{int(values['nonfinite_steps'])} updates skipped, more than "
+          f"config.max_nonfinite_steps={config.max_nonfinite_steps}: non-finite {where}")
+
+
+def summarize(records: list[tuple[int, dict[str, float]]]) -> dict[str, float]:
+  """Means over the finite steps of a log interval; the run's skipped-step count at its end."""
+  finite = [values for _, values in records if not values["nonfinite"]] or [records[-1][1]]
+  summary = {k: float(np.mean([v[k] for v in finite]))
+             for k in finite[0] if k not in ("nonfinite", "nonfinite_steps")}
+  summary["nonfinite_steps"] = float(records[-1][1]["nonfinite_steps"])
+  return summary
 
 
 # ---------------------------------------------------------------------------------------------
@@ -188,10 +332,20 @@ def validate_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
   """Trains ``config`` in ``workdir`` (resuming from its latest checkpoint) and tests at the end.
 
-  Returns the contents of ``<workdir>/results.json``: test and final validation metrics, the
-  config, steps, parameter count, wall time and training throughput.
+  ``config`` gets the train-loop defaults of ``clustr_jax.defaults`` for every key it lacks.
+
+  Returns:
+    The contents of ``<workdir>/results.json``: test and final validation metrics, the config,
+    steps, parameter count, wall time and training throughput. A run stopped by SIGTERM (or a
+    multi-host preemption notice) saves a checkpoint and returns ``{'preempted': True, 'step':
+    ...}`` without testing or writing results.json.
+
+  Raises:
+    ValueError: a bad config (the message names the key), see ``validate_config``.
+    FloatingPointError: a non-finite loss or gradient (``check_finite``).
   """
   start_time = time.time()
+  config = defaults.with_defaults(config)
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
 
@@ -206,13 +360,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   local_batch_size = config.batch_size // jax.process_count()
   train_iter = dataset.train_iterator(
       batch_size=local_batch_size, seed=config.seed, shard_index=jax.process_index(),
-      shard_count=jax.process_count(), worker_count=config.get("data_workers", 0))
+      shard_count=jax.process_count(), worker_count=config.data_workers)
   input_keys = tuple(dataset.input_keys)
 
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
     # Model and optimizer.
     model = create_model(config, dict(dataset.model_kwargs))
-    tx, schedule = optim.create_optimizer(config)
+    # Distillation stages and model EMA (clustr_jax/distill.py): a loss, frozen parameters, a
+    # teacher, an initial checkpoint; EMA averages the parameters inside the optimizer state.
+    distillation, wrappers = None, []
+    if config.get("distill") or config.get("ema_decay"):
+      from clustr_jax import distill  # pylint: disable=g-import-not-at-top  (imports train)
+      if config.get("distill"):
+        distillation = distill.setup(config, model, dataset)
+        wrappers.append(distillation.wrap_optimizer)
+      if config.get("ema_decay"):
+        wrappers.append(lambda tx: optax.chain(tx, distill.model_ema(config.ema_decay)))
+    tx, schedule = optim.create_optimizer(
+        config, wrap=lambda tx: functools.reduce(lambda t, w: w(t), wrappers, tx))
     rng = jax.random.key(config.seed)
     init_rng, step_rng = jax.random.split(rng)
     sample = tuple(jnp.zeros((config.batch_size, *shape), dtype)
@@ -222,16 +387,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     init_fn = functools.partial(create_train_state, model, tx)
     abstract_boxed = jax.eval_shape(init_fn, init_rng, *sample)
     state_sharding = sharding.logical_to_sharding(abstract_boxed, mesh)
+    sharding.check_divisible(abstract_boxed, state_sharding)
     state = jax.jit(lambda r, *x: nn.unbox(init_fn(r, *x)), out_shardings=state_sharding)(
         init_rng, *sample)
+    if distillation is not None and distillation.init_checkpoint:
+      params = jax.device_put(distillation.initial_params(state.params), state_sharding.params)
+      state = state.replace(params=params, opt_state=jax.jit(
+          tx.init, out_shardings=state_sharding.opt_state)(params))
+    teacher, teacher_sharding = None, None
+    if distillation is not None and distillation.teacher_params is not None:
+      teacher_sharding = jax.tree.map(lambda _: sharding.replicated(mesh),
+                                      distillation.teacher_params)
+      teacher = jax.device_put(distillation.teacher_params, teacher_sharding)
     num_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.params))
     logging.info("Model %s with attention %r: %d parameters", config.model.name,
                  config.model.get("attention"), num_params)
 
-    # Restore.
+    # Restore (the newest checkpoint that reads; see checkpointing.py).
     ckpt = checkpointing.Checkpointer(
         workdir / "checkpoints", save_every_steps=config.checkpoint_every_steps,
-        max_to_keep=config.max_checkpoints_to_keep)
+        max_to_keep=config.max_checkpoints_to_keep, async_save=config.checkpoint_async,
+        handle_sigterm=True)
     restored = ckpt.restore(checkpointing.abstract_like(state), train_iter)
     if restored is not None:
       state, start_step = restored
@@ -239,13 +415,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     else:
       start_step = 0
 
-    # Steps.
+    # Steps. The train step is compiled ahead of time on the first batch, which also gives
+    # XLA's FLOP count for the MFU estimate.
     batch_in = sharding.batch_sharding(mesh)
-    p_train_step = jax.jit(
+    jit_train_step = jax.jit(
         functools.partial(train_step, model=model, tx=tx, schedule=schedule, rng=step_rng,
-                          input_keys=input_keys),
-        in_shardings=(state_sharding, batch_in),
+                          input_keys=input_keys, grad_accum_steps=config.grad_accum_steps,
+                          skip_nonfinite=config.on_nonfinite == "skip",
+                          objective=distillation.objective if distillation else None),
+        in_shardings=(state_sharding, batch_in, teacher_sharding),
         out_shardings=(state_sharding, sharding.replicated(mesh)), donate_argnums=0)
+    p_train_step, step_flops = None, None
+    peak_flops = profiling.peak_flops_per_device(jax.devices()[0], config.peak_flops_per_device)
     p_eval_step = jax.jit(functools.partial(eval_step, model=model, input_keys=input_keys),
                           in_shardings=(state_sharding.params, batch_in),
                           out_shardings=sharding.replicated(mesh))
@@ -253,54 +434,88 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
                                  batch_size=config.eval_batch_size, mesh=mesh)
 
     writer = metrics_lib.MetricWriter(workdir)
+    tracer = profiling.StepTracer(workdir / "profile", config.profile_start_step,
+                                  config.profile_num_steps)
     val_metrics: dict[str, float] = {}
-    pending: list[dict[str, jax.Array]] = []
-    # Throughput excludes the first step of this invocation (compilation), eval and saving.
-    timer_start, excluded_time = None, 0.0
+    pending: list[tuple[int, dict[str, jax.Array]]] = []
+    # Step time per log interval, without eval and checkpointing; throughput over the run.
+    interval_start, interval_excluded, train_time, timed_steps = None, 0.0, 0.0, 0
+    preempted = False
     progress = tqdm(total=config.num_train_steps, initial=start_step, unit="step",
                     desc="train", dynamic_ncols=True, disable=jax.process_index() != 0)
     try:
       for step in range(start_step + 1, config.num_train_steps + 1):
         batch = global_batch(next(train_iter), mesh)
-        state, step_metrics = p_train_step(state, batch)
-        pending.append(step_metrics)
-        if timer_start is None:
-          jax.block_until_ready(state)
-          timer_start = time.time()
-        if step % config.log_every_steps == 0 or step == config.num_train_steps:
-          summary = jax.tree.map(lambda *x: float(np.mean(x)), *jax.device_get(pending))
-          pending = []
+        if p_train_step is None:
+          p_train_step = jit_train_step.lower(state, batch, teacher).compile()
+          step_flops = profiling.compiled_flops(p_train_step)
+          interval_start = time.time()
+        tracer.before_step(step, state)
+        state, step_metrics = p_train_step(state, batch, teacher)
+        tracer.after_step(step, state)
+        pending.append((step, step_metrics))
+        progress.update(1)
+
+        preempted = ckpt.preempted(step)
+        last = step == config.num_train_steps
+        save_due = preempted or last or ckpt.should_save(step)
+        if save_due or step % config.log_every_steps == 0:
+          records = [(s, {k: np.asarray(v).item() for k, v in m.items()})
+                     for s, m in jax.device_get(pending)]
+          elapsed = time.time() - interval_start - interval_excluded
+          train_time, timed_steps = train_time + elapsed, timed_steps + len(records)
+          check_finite(records, config, ckpt)
+          summary = summarize(records)
+          summary["step_time_s"] = elapsed / len(records)
+          step_mfu = profiling.mfu(step_flops, summary["step_time_s"], peak_flops)
+          if step_mfu is not None:
+            summary["mfu"] = step_mfu
           progress.set_postfix(loss=f"{summary['loss']:.4f}", acc=f"{summary['accuracy']:.3f}")
           writer.write(step, "train", summary)
-        progress.update(1)
+          pending, interval_start, interval_excluded = [], time.time(), 0.0
         t0 = time.time()
-        if step % config.eval_every_steps == 0 or step == config.num_train_steps:
+        if (step % config.eval_every_steps == 0 or last) and not preempted:
           val_metrics = run_eval(state.params, split="val")
           writer.write(step, "val", val_metrics)
-        ckpt.save(step, state, train_iter, force=step == config.num_train_steps)
-        excluded_time += time.time() - t0
+        if save_due:
+          ckpt.save(step, state, train_iter, force=preempted or last)
+        interval_excluded += time.time() - t0
+        if preempted:
+          logging.warning("Preempted: checkpoint of step %d saved; exiting", step)
+          break
       jax.block_until_ready(state)
-      timed_steps = config.num_train_steps - start_step - 1
-      train_time = time.time() - timer_start - excluded_time if timer_start else 0.0
     finally:
+      tracer.close()
       progress.close()
       ckpt.close()
 
-    # Test.
     final_step = int(jax.device_get(state.step))
+    if preempted:
+      writer.close()
+      return {"preempted": True, "step": final_step, "resumed_from_step": start_step,
+              "wall_time_s": time.time() - start_time}
+
+    # Test.
     if not val_metrics:
       val_metrics = run_eval(state.params, split="val")
     test_metrics = run_eval(state.params, split="test")
     writer.write(final_step, "test", test_metrics)
+    ema_metrics = {}
+    if config.get("ema_decay"):
+      ema = distill.ema_params(state.opt_state)
+      ema_metrics = {"val_ema": run_eval(ema, split="val"), "test_ema": run_eval(ema, split="test")}
+      writer.write(final_step, "test_ema", ema_metrics["test_ema"])
     writer.close()
 
   results = {
       "test": test_metrics,
       "val": val_metrics,
+      **ema_metrics,
       "step": final_step,
       "num_train_steps": config.num_train_steps,
       "num_params": num_params,
-      "train_steps_per_s": timed_steps / train_time if timed_steps > 0 else None,
+      "train_steps_per_s": timed_steps / train_time if train_time > 0 else None,
+      "nonfinite_steps": int(jax.device_get(state.nonfinite_steps)),
       "wall_time_s": time.time() - start_time,
       "resumed_from_step": start_step,
       "config": config.to_dict(),

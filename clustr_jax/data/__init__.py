@@ -2,6 +2,8 @@
 
 ``listops``  the LRA ListOps generator, tokenizer, evaluator and TSV reader.
 ``pipeline`` deterministic, per-process sharded, checkpointable Grain train and eval iterators.
+``imagenet`` ImageNet (TFDS ``imagenet2012`` or an ImageNet-layout folder) with DeiT's
+           preprocessing; ``augment`` its timm-semantics augmentations (numpy and Pillow).
 
 The train loop sees a dataset only through ``get(config, workdir) -> Dataset`` (below): a dataset
 family module registered in ``_REGISTRY`` defines ``load_dataset(config, workdir) -> Dataset``.
@@ -25,6 +27,7 @@ from clustr_jax.data import pipeline
 # config.dataset.name -> module defining load_dataset(config, workdir). Imported lazily.
 _REGISTRY: dict[str, str] = {
     "listops": "clustr_jax.data.listops",
+    "imagenet": "clustr_jax.data.imagenet",
 }
 
 

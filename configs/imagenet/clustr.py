@@ -1,0 +1,69 @@
+r"""ClusTR-T/S/B (official ``ClusTR_b1/b2/b3``) on ImageNet-1k with the official recipe; a CPU
+variant on Imagenette.
+
+Official (``YtongXie/ClusTR`` ``main.py`` defaults and ``configs/ClusTR/ClusTR_b{1,2,3}.py``,
+../shared/reference/clustr.md §6): AdamW (eps 1e-8), lr 5e-4 * batch / 512 (batch 8 x 128 = 1024:
+1e-3), weight decay 0.05 (timm groups: none for biases and norms), timm cosine over 300 epochs
+with 5 warmup epochs from 1e-6, min lr 1e-5, 10 cooldown epochs; drop path 0.1 / 0.1 / 0.3 and
+gradient clipping none / none / 1.0 for T / S / B; DeiT preprocessing (RandAugment m9-mstd0.5,
+random erasing 0.25, mixup 0.8 / cutmix 1.0, label smoothing 0.1, repeated augmentation; colour
+jitter 0.4 is inactive under RandAugment in timm); no EMA, no distillation.
+
+``cpu``: ClusTR-T (11.7M parameters) at 64 x 64 px (stage grids 16, 8, 4, 2; 4 and 16 clusters
+per clustered stage) from scratch on the Imagenette sample for ``steps`` steps of batch 64, lr
+1e-3 with 100 warmup steps, light augmentation (crop and flip), no drop path.
+
+Args: model=clustr_t|clustr_s|clustr_b, cpu, steps, data_dir, source=folder|tfds.
+
+  python -m clustr_jax.main --config=configs/imagenet/clustr.py:model=clustr_s,data_dir=/data/imagenet \
+      --workdir=workdir/clustr_s
+  python -m clustr_jax.main --config=configs/imagenet/clustr.py:cpu --workdir=workdir/clustr_t_cpu
+"""
+
+import ml_collections
+
+from clustr_jax import config_utils
+from clustr_jax import recipes
+from clustr_jax.data import imagenet
+
+#: Per-variant drop path and gradient clipping (``configs/ClusTR/ClusTR_b{1,2,3}.py``).
+VARIANTS = {"clustr_t": (0.1, None), "clustr_s": (0.1, None), "clustr_b": (0.3, 1.0)}
+
+
+def get_config(arg=None):
+  arg = config_utils.parse_arg(arg, model="clustr_t", cpu=False, steps=600, data_dir="",
+                               source="folder")
+  if arg.model not in VARIANTS:
+    raise ValueError(f"model={arg.model!r} unknown; valid: {', '.join(VARIANTS)}")
+  drop_path, clip = VARIANTS[arg.model]
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+  config.dataset = imagenet.dataset_config(cpu=arg.cpu, data_dir=arg.data_dir or None,
+                                           source=arg.source, image_size=64 if arg.cpu else 224)
+  config.model = ml_collections.ConfigDict(dict(
+      name=arg.model, attention="clustr", drop_path_rate=drop_path, dtype="float32"))
+  config.batch_size = 1024
+  config.eval_batch_size = 1024
+  recipes.timm_optimizer(config, base_lr=5e-4 * config.batch_size / 512, epochs=300,
+                         warmup_epochs=5, cooldown_epochs=10,
+                         steps=recipes.steps_per_epoch(config.batch_size))
+  config.weight_decay_skip = ()  # No positional embeddings; biases and norms still skip.
+  config.grad_clip_norm = clip
+  config.log_every_steps = 100
+  config.eval_every_steps = recipes.steps_per_epoch(config.batch_size)
+  config.checkpoint_every_steps = recipes.steps_per_epoch(config.batch_size)
+  config.max_checkpoints_to_keep = 3
+  config.data_workers = 0 if arg.cpu else 8
+
+  if arg.cpu:
+    config.model.drop_path_rate = 0.0
+    config.batch_size = 64
+    config.eval_batch_size = 100
+    config.learning_rate = 1e-3
+    config.num_train_steps = arg.steps
+    config.warmup_steps = 100
+    config.cooldown_steps = 0
+    config.log_every_steps = 25
+    config.eval_every_steps = arg.steps
+    config.checkpoint_every_steps = arg.steps
+  return config
