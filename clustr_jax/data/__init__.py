@@ -1,6 +1,9 @@
 """Datasets: released file formats, the generators that benchmarks publish, Grain pipelines.
 
 ``listops``  the LRA ListOps generator, tokenizer, evaluator and TSV reader.
+``text``     LRA Text: IMDb at byte level (aclImdb folders or TFDS ``imdb_reviews``).
+``retrieval`` LRA Retrieval: AAN document pairs at byte level (the release's TSVs), two inputs.
+``cifar``    LRA Image: grayscale CIFAR-10 as pixel tokens (binary release or TFDS ``cifar10``).
 ``pipeline`` deterministic, per-process sharded, checkpointable Grain train and eval iterators.
 ``imagenet`` ImageNet (TFDS ``imagenet2012`` or an ImageNet-layout folder) with DeiT's
            preprocessing; ``augment`` its timm-semantics augmentations (numpy and Pillow).
@@ -28,6 +31,9 @@ from clustr_jax.data import pipeline
 _REGISTRY: dict[str, str] = {
     "listops": "clustr_jax.data.listops",
     "imagenet": "clustr_jax.data.imagenet",
+    "imdb": "clustr_jax.data.text",
+    "aan": "clustr_jax.data.retrieval",
+    "cifar10": "clustr_jax.data.cifar",
 }
 
 
