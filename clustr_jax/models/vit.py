@@ -253,7 +253,8 @@ class VisionTransformer(nn.Module):
   Raises:
     ValueError: images not [B, img_size, img_size, 3] floats, img_size not divisible by
       patch_size, embed_dim not divisible by num_heads, layer_attention_kwargs of the wrong
-      length, or an attention error (see ``build_attention``).
+      length, a token_keep_rate < 1 (token pruning is not implemented), or an attention error
+      (see ``build_attention``).
   """
   num_classes: int = dataclasses.field(kw_only=True)
   img_size: int = 224
@@ -282,6 +283,11 @@ class VisionTransformer(nn.Module):
     if self.layer_attention_kwargs is not None and len(self.layer_attention_kwargs) != self.depth:
       raise ValueError(f"{name}: layer_attention_kwargs has {len(self.layer_attention_kwargs)} "
                        f"entries; need depth={self.depth}")
+    for options in [self.attention_kwargs or {}, *(self.layer_attention_kwargs or [])]:
+      if options.get("token_keep_rate", 1.0) < 1.0:
+        raise ValueError(f"{name}: token_keep_rate={options['token_keep_rate']} (Sparsifiner "
+                         "token pruning) is not implemented by these blocks, which would not "
+                         "zero the pruned tokens; the released Sparsifiner config has none")
 
   @nn.compact
   def __call__(self, images: jax.Array, *, train: bool = False) -> jax.Array:
