@@ -52,7 +52,7 @@ def get_config(arg=None):
     config.num_train_steps = 300
     config.learning_rate = 2e-3
     config.warmup_steps = 30
-    config.eval_every_steps = 100
-    config.checkpoint_every_steps = 100
+    config.eval_every_steps = 300
+    config.checkpoint_every_steps = 300
 
   return lra_configs.finish(config)

@@ -75,8 +75,16 @@ def majority_share(config) -> float:
   return float(np.bincount(targets).max() / len(targets))
 
 
+def _without_data_dir(config: dict) -> dict:
+  return {**config, "dataset": {k: v for k, v in config["dataset"].items() if k != "data_dir"}}
+
+
 def gather(workdir: pathlib.Path, args: argparse.Namespace, variant: str) -> list[dict]:
-  """One row per ``<workdir>/<task>/<mechanism>/results.json``, in TASKS then mechanism order."""
+  """One row per ``<workdir>/<task>/<mechanism>/results.json``, in TASKS then mechanism order.
+
+  ``config_matches`` says whether the run's saved config is today's ``configs/lra/<task>.py``
+  (data_dir aside; the JSON round trip turns tuples into lists, so both sides go through it).
+  """
   rows, chance = [], {}
   for task in TASKS:
     for mechanism in lra_configs.ATTENTION_NAMES:
@@ -84,8 +92,10 @@ def gather(workdir: pathlib.Path, args: argparse.Namespace, variant: str) -> lis
       if not path.is_file():
         continue
       results = json.loads(path.read_text())
+      config = task_config(task, variant, mechanism, args, workdir)
       if task not in chance:
-        chance[task] = majority_share(task_config(task, variant, mechanism, args, workdir))
+        chance[task] = majority_share(config)
+      expected = json.loads(json.dumps(config.to_dict(), default=str))
       rows.append({
           "task": task, "attention": mechanism,
           "test_accuracy": round(results["test"]["accuracy"], 4),
@@ -97,6 +107,7 @@ def gather(workdir: pathlib.Path, args: argparse.Namespace, variant: str) -> lis
           "num_params": results["num_params"],
           "wall_time_s": round(results["wall_time_s"], 1),
           "lra_transformer_published": LRA_TRANSFORMER[task],
+          "config_matches": _without_data_dir(expected) == _without_data_dir(results["config"]),
           "attention_kwargs": results["config"]["model"].get("attention_kwargs", {}),
       })
   return rows
@@ -151,7 +162,7 @@ def write_table(rows: list[dict], output: pathlib.Path, variant: str) -> str:
         f"| {TITLES[r['task']]} | {r['attention']} | {r['test_accuracy']:.4f} | "
         f"{r['val_accuracy']:.4f} | {r['chance']:.4f} | {r['test_examples']} | {r['steps']} | "
         f"{r['train_steps_per_s']:.2f} | {r['num_params']:,} | {r['wall_time_s']:.0f} | "
-        f"`{r['attention_kwargs']}` |")
+        f"`{r['attention_kwargs']}`{'' if r['config_matches'] else ' (config differs)'} |")
   markdown = "\n".join(lines) + "\n"
   output.with_suffix(".md").write_text(markdown, encoding="utf-8")
   return markdown
