@@ -32,7 +32,7 @@ def notebook_id(path: pathlib.Path) -> str:
 
 
 def test_the_notebooks_are_there():
-  assert {p.name for p in NOTEBOOKS} >= {"quickstart.ipynb"}
+  assert {p.name for p in NOTEBOOKS} == {"quickstart.ipynb", "attention_maps.ipynb", "lra.ipynb"}
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=notebook_id)
