@@ -155,3 +155,95 @@ def test_dataset_errors_name_the_problem(tmp_path):
   assert dataset.example_spec == {"inputs": ((3,), np.int32), "targets": ((), np.int32)}
   with pytest.raises(KeyError, match="split 'test' unknown; valid: val"):
     dataset.eval_batches("test", batch_size=2)
+
+
+def test_config_validation_names_the_key_and_the_choices(tmp_path):
+  for key, value, match in (
+      ("model.name", "bogus", r"config.model.name='bogus' unknown; valid: lra_encoder"),
+      ("model.attention", "bogus", r"config.model.attention='bogus' unknown; valid: dense, "
+                                   r"clustr, cast, sparsifiner"),
+      ("model.qkv_dim", 15, r"config.model.qkv_dim=15 must be divisible by "
+                            r"config.model.num_heads=2"),
+      ("grad_accum_steps", 3, r"config.batch_size=8 must be a positive multiple of the "
+                              r"data-parallel size data\*fsdp=8 times config.grad_accum_steps=3"),
+      ("on_nonfinite", "ignore", r"config.on_nonfinite='ignore' unknown; valid: stop, skip"),
+  ):
+    config = tiny_config(2)
+    parent, _, leaf = key.rpartition(".")
+    (config[parent] if parent else config)[leaf] = value
+    with pytest.raises(ValueError, match=match):
+      train.train_and_evaluate(config, tmp_path / "run")
+  config = tiny_config(2)
+  config.dataset.update(generate=False, data_dir=str(tmp_path / "nowhere"))
+  with pytest.raises(FileNotFoundError, match=str(tmp_path / "nowhere" / "basic_train.tsv")):
+    train.train_and_evaluate(config, tmp_path / "run")
+
+
+def nan_dataset(num_steps=6):
+  """(ArrayDataset with NaN soft targets in one example, the steps < num_steps whose batch holds it).
+
+  The example is one the seeded train iterator (batch 8, seed 0) first serves at step 3, 4 or 5.
+  """
+  rng = np.random.default_rng(0)
+  inputs = rng.integers(1, 17, (48, 32)).astype(np.int32)
+  targets = np.eye(10, dtype=np.float32)[rng.integers(0, 10, 48)]
+  indexed = data_lib.ArrayDataset({"train": {"index": np.arange(48), "targets": targets}},
+                                  input_keys=("index",))
+  iterator = indexed.train_iterator(batch_size=8, seed=0)
+  steps_of = {}
+  for step in range(1, num_steps + 1):
+    for index in next(iterator)["index"]:
+      steps_of.setdefault(int(index), []).append(step)
+  bad = next(i for i, steps in sorted(steps_of.items()) if 3 <= steps[0] <= 5)
+  targets[bad] = np.nan
+  clean = {"inputs": inputs[:8], "targets": np.eye(10, dtype=np.float32)[:8]}
+  dataset = data_lib.ArrayDataset(
+      {"train": {"inputs": inputs, "targets": targets}, "val": clean, "test": clean},
+      model_kwargs={"vocab_size": 17, "num_classes": 10, "max_length": 32})
+  return dataset, steps_of[bad]
+
+
+def test_nonfinite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(
+    tmp_path, monkeypatch):
+  dataset, bad_steps = nan_dataset()
+  monkeypatch.setattr(data_lib, "get", lambda config, workdir: dataset)
+  config = tiny_config(6)
+  config.max_checkpoints_to_keep = 1
+  with pytest.raises(FloatingPointError, match=rf"non-finite loss=nan, .* at step "
+                                              rf"{bad_steps[0]}; the last good checkpoint is "
+                                              rf"step {(bad_steps[0] - 1) // 2 * 2} in "):
+    train.train_and_evaluate(config, tmp_path)
+  saved = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+  assert saved == [(bad_steps[0] - 1) // 2 * 2]
+  assert not (tmp_path / "results.json").exists()
+
+  # 'skip': the bad updates are left out and counted, the run finishes with finite parameters.
+  config.on_nonfinite, config.max_nonfinite_steps = "skip", 10
+  results = train.train_and_evaluate(config, tmp_path / "skip")
+  assert results["nonfinite_steps"] == len(bad_steps) and results["step"] == 6
+  assert np.isfinite(results["test"]["loss"])
+  lines = [json.loads(l) for l in (tmp_path / "skip" / "metrics.jsonl").read_text().splitlines()]
+  train_lines = [l for l in lines if l["split"] == "train"]
+  assert all(np.isfinite(l["loss"]) != (l["step"] in bad_steps) for l in train_lines)
+  assert [l["nonfinite_steps"] for l in train_lines][-1] == len(bad_steps)
+
+
+def test_skipping_stops_after_max_nonfinite_steps():
+  records = [(4, {"loss": float("nan"), "grad_norm": float("nan"), "nonfinite": 1.0,
+                  "nonfinite_steps": 3})]
+  config = tiny_config(2)
+  config.update(on_nonfinite="skip", max_nonfinite_steps=2)
+
+  class Ckpt:
+    directory = "/ckpt"
+
+    @staticmethod
+    def latest_step():
+      return 2
+
+  with pytest.raises(FloatingPointError, match=r"3 updates skipped, more than "
+                                               r"config.max_nonfinite_steps=2: .* at step 4; "
+                                               r"the last good checkpoint is step 2"):
+    train.check_finite(records, config, Ckpt)
+  config.max_nonfinite_steps = 3
+  train.check_finite(records, config, Ckpt)
