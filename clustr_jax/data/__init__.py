@@ -4,6 +4,7 @@
 ``text``     LRA Text: IMDb at byte level (aclImdb folders or TFDS ``imdb_reviews``).
 ``retrieval`` LRA Retrieval: AAN document pairs at byte level (the release's TSVs), two inputs.
 ``cifar``    LRA Image: grayscale CIFAR-10 as pixel tokens (binary release or TFDS ``cifar10``).
+``pathfinder`` the Pathfinder / Path-X generator and the LRA release-layout reader.
 ``pipeline`` deterministic, per-process sharded, checkpointable Grain train and eval iterators.
 ``imagenet`` ImageNet (TFDS ``imagenet2012`` or an ImageNet-layout folder) with DeiT's
            preprocessing; ``augment`` its timm-semantics augmentations (numpy and Pillow).
@@ -34,6 +35,7 @@ _REGISTRY: dict[str, str] = {
     "imdb": "clustr_jax.data.text",
     "aan": "clustr_jax.data.retrieval",
     "cifar10": "clustr_jax.data.cifar",
+    "pathfinder": "clustr_jax.data.pathfinder",
 }
 
 
