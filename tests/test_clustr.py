@@ -381,6 +381,23 @@ def test_gradients_reach_every_parameter_but_not_the_clustering():
   np.testing.assert_allclose(grad_x, fixed_grad_x, atol=1e-5)
 
 
+def test_chunked_clustering_and_merge_memory_is_linear_in_length():
+  """With distance_chunk_size set, no buffer of the clustering and the merge (forward and
+  backward) grows as N^2, even with num_clusters proportional to N: doubling N at most
+  (about) doubles XLA's temporary memory (the former one-hot centres and [sum_s M_s, N]
+  membership made it 4x)."""
+  def temp_bytes(length):
+    x = jax.ShapeDtypeStruct((1, length, 8), jnp.float32)
+    scales = (length // 16, length // 4)
+
+    def loss(x):
+      labels = clustr.dpc_knn_cluster(x, None, scales, chunk_size=64).labels
+      return sum(jnp.sum(m ** 2) for m in clustr.merge_tokens(x, x[..., 0], labels, scales, 1e-6))
+    return jax.jit(jax.grad(loss)).lower(x).compile().memory_analysis().temp_size_in_bytes
+
+  assert temp_bytes(2048) <= 2.2 * temp_bytes(1024)
+
+
 def test_few_real_tokens_still_work():
   """Fewer real tokens than knn_k and than every M_s: only real centres, finite outputs."""
   module = make_module(knn_k=5)

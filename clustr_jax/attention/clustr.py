@@ -43,18 +43,19 @@ selection (t = max(k, DELTA_NEIGHBOURS) when chunked, else k). Unchunked, delta 
 matrix. Chunked, the official second pass over all N^2 distances for delta is replaced, with the
 same result, by the neighbour lists of the density pass: a row with a denser token among its t
 nearest real tokens takes its delta from there (the nearest denser token must be in the list),
-and only the other rows (local density peaks: a few percent of the tokens, 0.2-6 % at N = 1024-4096
-in our checks) have their distance rows recomputed, O(N_peaks N C); the assignment
+and only the other rows (local density peaks: a few percent of the tokens, 0.2-6 % at
+N = 1024-4096 in our checks) have their distance rows recomputed, O(N_peaks N C). The assignment
 O(N max_s M_s C) (one pass: top_k is sorted, so the centres of a smaller scale are a prefix of the
-largest scale's); the merge O(N sum_s M_s C) (a 0/1 membership matmul; the official code uses
-index_add); attention O(N sum_s M_s H d). Memory: unchunked, the [B, N, N] distance matrix (about
-39 MB per sample at N = 3136 in float32) and a few arrays of that size (XLA's temporary buffers
-for B = 2, N = 3136, C = 64 on CPU: 302 MB); with ``distance_chunk_size`` = q, O(B N q) for the
-distance rows and O(B q max_s M_s) for the assignment (same setting, q = 256: 16 MB); in both cases
-plus the membership O(B N sum_s M_s) and the attention weights O(B H N sum_s M_s). Chunked and
-unchunked runs give the same clusters: every statistic is per row (the global maximum distance is
-the maximum of the per-row maxima). The clustering and the merge are jitted functions of their
-own (static settings), so they compile once even when the module runs eagerly.
+largest scale's); the merge O(N C) per scale (segment reductions, as the official index_add);
+attention O(N sum_s M_s H d). Memory: unchunked, the [B, N, N] distance matrix (about 39 MB per
+sample at N = 3136 in float32) and a few arrays of that size (XLA's temporary buffers for B = 2,
+N = 3136, C = 64 on CPU: 302 MB); with ``distance_chunk_size`` = q, O(B N q) for the distance
+rows and O(B q max_s M_s) for the assignment (same setting, q = 256: 16 MB). In both cases add
+the attention weights O(B H N sum_s M_s), the attention itself; no other array grows as
+N sum_s M_s. Chunked and unchunked runs give the same clusters: every statistic is per row (the
+global maximum distance is the maximum of the per-row maxima). The clustering and the merge are
+jitted functions of their own (static settings), so they compile once even when the module runs
+eagerly.
 
 Where we differ from the official code:
   * Padding (the official ``Attention`` has none). A padded token is never a centre and never a
@@ -327,13 +328,11 @@ def _dpc_knn_cluster(x, mask, noise_rng, *, num_clusters, knn_k, chunk) -> Clust
   max_m = max(num_clusters)
   gamma = jnp.where(mask, rho * delta, -jnp.inf)
   top = lax.top_k(gamma, max_m)[1].astype(jnp.int32)                      # [B, M_max]
-  # Gathers and the scatter below as one-hot products (exact; dense ops for GPUs and TPUs).
-  is_centre = top[:, :, None] == jnp.arange(length)[None, None, :]        # [B, M_max, N]
-  valid = jnp.any(is_centre & mask[:, None, :], axis=-1)                   # [B, M_max]
-  one_hot = is_centre.astype(jnp.float32)
-  hi = lax.Precision.HIGHEST
-  centre_x = jnp.einsum("bkn,bnc->bkc", one_hot, x, precision=hi)         # [B, M_max, C]
-  centre_sq = jnp.einsum("bkn,bn->bk", one_hot, sq, precision=hi)
+  # Gathers and, below, a scatter over the M_max centre indices (exact; O(B M_max C) memory).
+  take = jax.vmap(lambda a, i: a[i])                                        # per sample
+  valid = take(mask, top)                                                   # [B, M_max]
+  centre_x = take(x, top)                                                   # [B, M_max, C]
+  centre_sq = take(sq, top)
 
   # Assignment to the nearest valid centre of each scale, row block by row block.
   def assign_fn(r):
@@ -343,8 +342,9 @@ def _dpc_knn_cluster(x, mask, noise_rng, *, num_clusters, knn_k, chunk) -> Clust
   assigned = _over_rows(assign_fn, (x, sq), chunk, length)
 
   # Each centre into its own cluster: rank[i] = k if token i is the k-th centre, else M_max.
-  ranks = jnp.arange(max_m, dtype=jnp.int32)[None, :, None]
-  rank = jnp.min(jnp.where(is_centre & valid[..., None], ranks, max_m), axis=1)  # [B, N]
+  ranks = jnp.where(valid, jnp.arange(max_m, dtype=jnp.int32)[None, :], max_m)
+  rank = jax.vmap(lambda r, i: jnp.full((length,), max_m, jnp.int32).at[i].min(r))(
+      ranks, top)                                                           # [B, N]
   labels, centres_out = [], []
   for a, m in zip(assigned, num_clusters):
     labels.append(jnp.where(mask, jnp.where(rank < m, rank, a), -1))
@@ -362,7 +362,7 @@ def merge_tokens(x: jax.Array, score: jax.Array, labels: jax.Array, num_clusters
 
   Differentiable in ``x`` and ``score`` (official ``merge_tokens``, which uses index_add).
   Computed in float32 with a per-cluster max shift (exact in real arithmetic, see the module
-  docstring), all scales in one matmul.
+  docstring), with segment reductions (scatters) over the tokens.
 
   Args:
     x: [B, N, C] tokens.
@@ -382,27 +382,30 @@ def merge_tokens(x: jax.Array, score: jax.Array, labels: jax.Array, num_clusters
 def _merge_tokens(x, score, labels, *, num_clusters, eps):
   """``merge_tokens`` with static settings.
 
-  All scales at once through a 0/1 membership matrix P [B, sum_s M_s, N] (scale s owns rows
-  offset_s .. offset_s + M_s - 1): dense matmuls instead of scatters, which suits GPUs and TPUs;
-  its size is below that of the distance matrix for every ClusTR stage (sum_s M_s <= 1.25 N).
+  Per scale, segment reductions over the token axis (the official index_add): a segment max of
+  the scores for the shift, then segment sums of w_i x_i and w_i; tokens without a cluster go to
+  an extra segment that is dropped. Memory O(B N C) per scale, no [sum_s M_s, N] membership.
   """
-  offsets = [sum(num_clusters[:s]) for s in range(len(num_clusters))]
-  total = sum(num_clusters)
-  cluster_id = labels + jnp.asarray(offsets, jnp.int32)[None, :, None]     # [B, S, N]
-  cluster_id = jnp.where(labels >= 0, cluster_id, -1)
-  member = jnp.any(cluster_id[:, :, None, :] == jnp.arange(total)[None, None, :, None],
-                   axis=1)                                                  # [B, K, N]
-  score = score.astype(jnp.float32)[:, None, :]                             # [B, 1, N]
-  top = jnp.max(jnp.where(member, lax.stop_gradient(score), -jnp.inf), axis=-1)  # [B, K]
-  nonempty = jnp.isfinite(top)
-  top = jnp.where(nonempty, top, 0.0)
-  w = jnp.where(member, jnp.exp(jnp.where(member, score - top[..., None], 0.0)), 0.0)
   x = jnp.where(jnp.any(labels >= 0, axis=1)[..., None], x.astype(jnp.float32), 0.0)  # no 0*inf
-  num = jnp.einsum("bkn,bnc->bkc", w, x, precision=lax.Precision.HIGHEST)
+  score = score.astype(jnp.float32)                                         # [B, N]
   log_eps = math.log(eps) if eps > 0 else -jnp.inf
-  den = jnp.sum(w, axis=-1) + jnp.exp(log_eps - top)                       # + eps e^{-m_k}
-  out = jnp.where(nonempty[..., None], num / jnp.where(nonempty, den, 1.0)[..., None], 0.0)
-  return tuple(out[:, o:o + m] for o, m in zip(offsets, num_clusters))
+  out = []
+  for s, m in enumerate(num_clusters):
+    ids = jnp.where(labels[:, s] >= 0, labels[:, s], m)                    # [B, N], m = none
+    seg_max = jax.vmap(lambda v, i, m=m: jax.ops.segment_max(v, i, num_segments=m + 1))
+    seg_sum = jax.vmap(lambda v, i, m=m: jax.ops.segment_sum(v, i, num_segments=m + 1))
+    top = seg_max(lax.stop_gradient(score), ids)                            # [B, m + 1]
+    nonempty = jnp.isfinite(top)                                            # empty: -inf
+    top = jnp.where(nonempty, top, 0.0)
+    member = ids < m
+    shift = jnp.take_along_axis(top, ids, axis=-1)                          # [B, N]
+    w = jnp.where(member, jnp.exp(jnp.where(member, score - shift, 0.0)), 0.0)
+    num = seg_sum(w[..., None] * x, ids)[:, :m]                             # [B, m, C]
+    den = seg_sum(w, ids)[:, :m] + jnp.exp(log_eps - top[:, :m])            # + eps e^{-m_k}
+    nonempty = nonempty[:, :m]
+    out.append(jnp.where(nonempty[..., None],
+                         num / jnp.where(nonempty, den, 1.0)[..., None], 0.0))
+  return tuple(out)
 
 
 class KeyValueProjection(nn.Module):
