@@ -31,7 +31,8 @@ parameters, so it is checkpointed with the optimizer state; ``ema_params`` reads
 
 Config (``config.distill``): stage, trainable, predictor_pattern, init_checkpoint (the student's
 initial parameters: an Orbax checkpoint of the train loop or of ``clustr_jax.convert``; missing
-predictor parameters keep their initialisation), teacher (None, or a ConfigDict with the model
+predictor parameters keep their initialisation), init_rename (key substitutions, see
+``merge_params``), teacher (None, or a ConfigDict with the model
 ``name``, its options and ``checkpoint``), recon_weight, ce_weight, kl_weight, token_weight,
 temperature, token_module, num_prefix_tokens. ``config.ema_decay`` (None: off) switches EMA on
 for any run.
@@ -41,7 +42,7 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import flax
@@ -64,8 +65,9 @@ TRAINABLE = ("all", "predictor", "backbone")
 # Freezing and EMA (optax).
 # ---------------------------------------------------------------------------------------------
 def _path_names(path) -> list[str]:
-  names = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
-  return [n for n in names if n != "value"]  # nn.Partitioned boxes.
+  """Dict keys of a pytree path, without the ``.value`` attribute of nn.Partitioned boxes."""
+  return [str(k.key) if isinstance(k, jax.tree_util.DictKey) else str(getattr(k, "name", k))
+          for k in path if not isinstance(k, jax.tree_util.GetAttrKey)]
 
 
 def param_labels(trainable: str, predictor_pattern: str = "mask_predictor"
@@ -165,20 +167,39 @@ def load_params(path: str | pathlib.Path) -> Any:
   return jax.tree.map(np.asarray, tree)
 
 
-def merge_params(target: Any, source: Any, *, allow_missing: str | None = None) -> Any:
+def _without_boxes(tree: Any) -> Any:
+  """``nn.unbox`` without its sharding constraint (which fails eagerly on abstract leaves under
+  a mesh)."""
+  boxed = lambda x: isinstance(x, nn.meta.AxisMetadata)  # noqa: E731
+  return jax.tree.map(lambda x: x.value if boxed(x) else x, tree, is_leaf=boxed)
+
+
+def merge_params(target: Any, source: Any, *, allow_missing: str | None = None,
+                 rename: Mapping[str, str] | None = None) -> Any:
   """``target`` (the initialised tree) with every leaf that ``source`` has replaced by it.
 
   Args:
-    target: initialised parameters (plain or boxed).
+    target: initialised parameters (plain or boxed arrays, or ``jax.ShapeDtypeStruct``s).
     source: loaded parameters (plain nested dicts).
     allow_missing: leaves of ``target`` whose path contains this keep their initial value when
       ``source`` lacks them (e.g. 'mask_predictor' when loading a dense DeiT into Sparsifiner).
+    rename: substring replacements applied to the '/'-joined source keys first, e.g.
+      ``{'/attn/out/': '/attn/proj/'}`` from a dense DeiT (DenseAttention's output projection is
+      'out') to Sparsifiner attention ('proj', the official name).
+
+  Returns:
+    The merged tree: loaded leaves as numpy arrays in the target's dtype, the others as they
+    were.
 
   Raises:
     ValueError: listing the leaves ``source`` lacks (not allowed), the leaves it has that
       ``target`` does not, and the mis-shaped ones.
   """
-  flat_source = flax.traverse_util.flatten_dict(flax.core.unfreeze(source), sep="/")
+  flat_source = {}
+  for key, value in flax.traverse_util.flatten_dict(flax.core.unfreeze(source), sep="/").items():
+    for old, new in (rename or {}).items():
+      key = key.replace(old, new)
+    flat_source[key] = value
   used, missing, misshaped = set(), [], []
 
   def take(path, leaf):
@@ -189,12 +210,12 @@ def merge_params(target: Any, source: Any, *, allow_missing: str | None = None) 
       return leaf
     used.add(key)
     value = flat_source[key]
-    if tuple(np.shape(value)) != tuple(np.shape(leaf)):
-      misshaped.append(f"{key}: checkpoint {np.shape(value)} vs model {np.shape(leaf)}")
+    if tuple(np.shape(value)) != tuple(leaf.shape):
+      misshaped.append(f"{key}: checkpoint {np.shape(value)} vs model {tuple(leaf.shape)}")
       return leaf
-    return jnp.asarray(value, dtype=jnp.asarray(leaf).dtype)
+    return np.asarray(value).astype(leaf.dtype)  # numpy: the train loop places it.
 
-  merged = jax.tree_util.tree_map_with_path(take, nn.unbox(target))
+  merged = jax.tree_util.tree_map_with_path(take, _without_boxes(target))
   unexpected = sorted(set(flat_source) - used)
   if missing or unexpected or misshaped:
     raise ValueError(f"checkpoint does not match the model: missing {missing}, unexpected "
@@ -314,6 +335,7 @@ class Distillation:
   wrap_optimizer: Callable[[optax.GradientTransformation], optax.GradientTransformation]
   init_checkpoint: str | None
   predictor_pattern: str
+  init_rename: Mapping[str, str] | None = None
   teacher_params: Any = None
 
   def initial_params(self, params: Any) -> Any:
@@ -323,7 +345,7 @@ class Distillation:
       return params
     logging.info("Initialising the student from %s", self.init_checkpoint)
     return merge_params(params, load_params(self.init_checkpoint),
-                        allow_missing=self.predictor_pattern)
+                        allow_missing=self.predictor_pattern, rename=self.init_rename)
 
 
 def setup(config: ml_collections.ConfigDict, model: nn.Module, dataset) -> Distillation:
@@ -353,12 +375,13 @@ def setup(config: ml_collections.ConfigDict, model: nn.Module, dataset) -> Disti
                                         dataset.example_spec[k][1]) for k in dataset.input_keys)
     abstract = jax.eval_shape(lambda *x: teacher_model.init(
         {"params": jax.random.key(0), "dropout": jax.random.key(0)}, *x, train=False), *sample)
-    teacher_params = merge_params(nn.unbox(abstract["params"]), load_params(teacher.checkpoint))
+    teacher_params = merge_params(abstract["params"], load_params(teacher.checkpoint))
   trainable = d.get("trainable", "predictor" if d.stage == "recon" else "backbone")
   pattern = d.get("predictor_pattern", "mask_predictor")
   param_labels(trainable, pattern)  # Validates ``trainable`` now.
   objective = Objective(
-      model=model, stage=d.stage, input_keys=tuple(dataset.input_keys), recon_weight=d.get("recon_weight", 0.01),
+      model=model, stage=d.stage, input_keys=tuple(dataset.input_keys),
+      recon_weight=d.get("recon_weight", 0.01),
       ce_weight=d.get("ce_weight", 0.0 if d.stage == "recon" else 1.0),
       kl_weight=d.get("kl_weight", 0.5), token_weight=d.get("token_weight", 0.5),
       temperature=d.get("temperature", 1.0), token_module=d.get("token_module", "norm"),
@@ -366,5 +389,6 @@ def setup(config: ml_collections.ConfigDict, model: nn.Module, dataset) -> Disti
   return Distillation(objective=objective,
                       wrap_optimizer=lambda tx: freeze(tx, trainable, pattern),
                       init_checkpoint=d.get("init_checkpoint"), predictor_pattern=pattern,
+                      init_rename=dict(d.get("init_rename") or {}),
                       teacher_params=teacher_params)
 

@@ -155,8 +155,8 @@ def weight_decay_mask(skip: tuple[str, ...]):
 
   def mask(params):
     def decays(path, leaf):
-      names = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
-      names = [n for n in names if n != "value"]  # nn.Partitioned boxes.
+      names = [str(k.key) if isinstance(k, jax.tree_util.DictKey) else str(k) for k in path
+               if not isinstance(k, jax.tree_util.GetAttrKey)]  # Not nn.Partitioned's .value.
       if names and names[-1] in ("bias", "scale") or jnp.ndim(leaf) <= 1:
         return False
       return not (pattern and pattern.search("/".join(names)))

@@ -19,15 +19,19 @@ def vit_attention_kwargs(name: str, tokens: int) -> dict:
   if name == "dense":
     return {}
   if name == "clustr":
-    # ClusTR's two scales (M, 4M) with M = N // sr^2 at sr 2, as in its third stage.
-    m = max(1, tokens // 4 // 4)
+    # ClusTR's two scales (M, 4M) with M = N // sr^2 at sr 2, as in its third stage (49, 196 at
+    # 197 tokens).
+    m = max(1, tokens // 4)
     return {"num_clusters": (m, min(4 * m, tokens))}
   if name == "cast":
     num_clusters = max(1, int(round(tokens ** 0.5)))
     return {"num_clusters": num_clusters, "cluster_size": -(-tokens // num_clusters)}
   if name == "sparsifiner":
-    # The released configuration: keep 0.25, n_down = N // 6, c = d // 2, CLS token first.
-    return {"keep_rate": 0.25, "reduce_n_factor": 6, "reduce_c_factor": 2, "has_cls_token": True}
+    # The released configuration: keep 0.25, n_down = N // 6, c = d // 2, CLS token first; for
+    # short sequences (N < 48) a smaller factor keeps n_down >= basis_topk = 8.
+    factor = 6 if tokens // 6 >= 8 else max(1, tokens // 8)
+    return {"keep_rate": 0.25, "reduce_n_factor": factor, "reduce_c_factor": 2,
+            "has_cls_token": True}
   raise ValueError(f"attention={name!r} unknown; valid: dense, clustr, cast, sparsifiner")
 
 

@@ -111,7 +111,10 @@ def check_divisible(abstract: Any, shardings: Any) -> None:
   flat, _ = jax.tree_util.tree_flatten_with_path(abstract, is_leaf=boxed)
   flat_shardings = jax.tree.leaves(shardings)
   for (path, leaf), named in zip(flat, flat_shardings, strict=True):
-    shape = leaf.value.shape if boxed(leaf) else leaf.shape
+    value = leaf.value if boxed(leaf) else leaf
+    if not hasattr(value, "shape"):
+      continue  # No array: e.g. optax.MaskedNode, the state of a masked-out parameter.
+    shape = value.shape
     mesh_shape = dict(named.mesh.shape)
     for dim, (size, axes) in enumerate(zip(shape, named.spec)):
       if axes is None:

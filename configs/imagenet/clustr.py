@@ -11,11 +11,13 @@ jitter 0.4 is inactive under RandAugment in timm); no EMA, no distillation.
 
 ``cpu``: ClusTR-T (11.7M parameters) at 64 x 64 px (stage grids 16, 8, 4, 2; 4 and 16 clusters
 per clustered stage) from scratch on the Imagenette sample for ``steps`` steps of batch 64, lr
-1e-3 with 100 warmup steps, light augmentation (crop and flip), no drop path.
+1e-3 with warmup over the first tenth of the steps, light augmentation (crop and flip), no
+drop path.
 
 Args: model=clustr_t|clustr_s|clustr_b, cpu, steps, data_dir, source=folder|tfds.
 
-  python -m clustr_jax.main --config=configs/imagenet/clustr.py:model=clustr_s,data_dir=/data/imagenet \
+  python -m clustr_jax.main \
+      --config=configs/imagenet/clustr.py:model=clustr_s,data_dir=/data/imagenet \
       --workdir=workdir/clustr_s
   python -m clustr_jax.main --config=configs/imagenet/clustr.py:cpu --workdir=workdir/clustr_t_cpu
 """
@@ -31,7 +33,7 @@ VARIANTS = {"clustr_t": (0.1, None), "clustr_s": (0.1, None), "clustr_b": (0.3, 
 
 
 def get_config(arg=None):
-  arg = config_utils.parse_arg(arg, model="clustr_t", cpu=False, steps=600, data_dir="",
+  arg = config_utils.parse_arg(arg, model="clustr_t", cpu=False, steps=300, data_dir="",
                                source="folder")
   if arg.model not in VARIANTS:
     raise ValueError(f"model={arg.model!r} unknown; valid: {', '.join(VARIANTS)}")
@@ -61,7 +63,7 @@ def get_config(arg=None):
     config.eval_batch_size = 100
     config.learning_rate = 1e-3
     config.num_train_steps = arg.steps
-    config.warmup_steps = 100
+    config.warmup_steps = max(1, arg.steps // 10)
     config.cooldown_steps = 0
     config.log_every_steps = 25
     config.eval_every_steps = arg.steps

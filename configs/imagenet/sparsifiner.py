@@ -16,8 +16,8 @@ n_down = N // 6, c = d // 2.
                  ``teacher_checkpoint``: the dense DeiT-S.
 See ``clustr_jax/distill.py`` for the losses, freezing and EMA.
 
-``cpu``: the same two stages on DeiT-Ti with Sparsifiner attention at 64 x 64 px, 8 x 8 patches
-(65 tokens) on the Imagenette sample, batch 64, no EMA, light augmentation; the teacher is the
+``cpu``: the same two stages on DeiT-Ti with Sparsifiner attention at 64 x 64 px, 16 x 16 patches
+(17 tokens) on the Imagenette sample, batch 64, no EMA, light augmentation; the teacher is the
 dense DeiT-Ti of ``configs/imagenet/deit.py:cpu`` (its checkpoints by default), which also
 initialises stage 1:
 
@@ -54,7 +54,7 @@ def get_config(arg=None):
   config.seed = 0
   config.dataset = imagenet.dataset_config(cpu=arg.cpu, data_dir=arg.data_dir or None,
                                            source=arg.source, image_size=64 if arg.cpu else 224)
-  patch = 8 if arg.cpu else 16
+  patch = 16
   tokens = (config.dataset.image_size // patch) ** 2 + 1
   attention = recipes.vit_attention_kwargs("sparsifiner", tokens)
   model = "deit_ti" if arg.cpu else "deit_s"
@@ -76,6 +76,8 @@ def get_config(arg=None):
       stage=arg.stage, trainable="predictor" if arg.stage == "recon" else "backbone",
       predictor_pattern="mask_predictor",
       init_checkpoint=ml_collections.FieldReference(init or None, field_type=str),
+      # Our dense DeiT names its output projection 'out', Sparsifiner attention 'proj'.
+      init_rename={"/attn/out/": "/attn/proj/"},
       recon_weight=0.01, ce_weight=0.0 if arg.stage == "recon" else 1.0, kl_weight=0.5,
       token_weight=0.5, temperature=1.0, token_module="norm", num_prefix_tokens=1))
   config.distill.teacher = ml_collections.ConfigDict(dict(
