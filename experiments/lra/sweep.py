@@ -18,7 +18,8 @@ the LRA release (``--aan_dir``) and is skipped without them.
 
   python experiments/lra/sweep.py --tasks=listops,text,image --mechanisms=dense
   python experiments/lra/sweep.py --tasks=text,image --mechanisms=dense,clustr,cast,sparsifiner
-  python experiments/lra/sweep.py --gather_only      # just rebuild the table and plot
+  python experiments/lra/sweep.py --gather_only \
+      --import_csv=listops=experiments/lra/results/listops_cpu_mechanisms.csv  # table + plot only
 """
 
 from __future__ import annotations
@@ -69,10 +70,11 @@ def task_config(task: str, variant: str, mechanism: str, args: argparse.Namespac
   return config
 
 
-def majority_share(config) -> float:
-  """The share of the test set's most frequent class (the accuracy of always guessing it)."""
+def majority_share(config) -> tuple[float, int]:
+  """(the share of the test set's most frequent class, i.e. the accuracy of always guessing it,
+  the test set's size)."""
   targets = data_lib.get(config, "/unused").splits["test"]["targets"]
-  return float(np.bincount(targets).max() / len(targets))
+  return float(np.bincount(targets).max() / len(targets)), len(targets)
 
 
 def _without_data_dir(config: dict) -> dict:
@@ -94,7 +96,7 @@ def gather(workdir: pathlib.Path, args: argparse.Namespace, variant: str) -> lis
       results = json.loads(path.read_text())
       config = task_config(task, variant, mechanism, args, workdir)
       if task not in chance:
-        chance[task] = majority_share(config)
+        chance[task] = majority_share(config)[0]
       expected = json.loads(json.dumps(config.to_dict(), default=str))
       rows.append({
           "task": task, "attention": mechanism,
@@ -109,7 +111,31 @@ def gather(workdir: pathlib.Path, args: argparse.Namespace, variant: str) -> lis
           "lra_transformer_published": LRA_TRANSFORMER[task],
           "config_matches": _without_data_dir(expected) == _without_data_dir(results["config"]),
           "attention_kwargs": results["config"]["model"].get("attention_kwargs", {}),
+          "source": str(path),
       })
+  return rows
+
+
+def import_csv(spec: str, workdir: pathlib.Path, args: argparse.Namespace,
+               variant: str) -> list[dict]:
+  """Rows of ``TASK=PATH``: a table of runs of ``configs/lra/<TASK>.py:<variant>`` made by another
+  script (columns attention, test_accuracy, val_accuracy, steps, train_steps_per_s, num_params,
+  wall_time_s, attention_kwargs, as ``listops_cpu_mechanisms.csv``), marked ``imported``."""
+  task, _, path = spec.partition("=")
+  rows = []
+  with open(path, newline="", encoding="utf-8") as f:
+    for r in csv.DictReader(f):
+      config = task_config(task, variant, r["attention"], args, workdir)
+      share, size = majority_share(config)
+      rows.append({
+          "task": task, "attention": r["attention"],
+          "test_accuracy": float(r["test_accuracy"]), "val_accuracy": float(r["val_accuracy"]),
+          "chance": round(share, 4), "test_examples": size,
+          "steps": int(r["steps"]), "train_steps_per_s": float(r["train_steps_per_s"]),
+          "num_params": int(r["num_params"]), "wall_time_s": float(r["wall_time_s"]),
+          "lra_transformer_published": LRA_TRANSFORMER[task],
+          "config_matches": int(r["steps"]) == config.num_train_steps,
+          "attention_kwargs": r["attention_kwargs"], "source": f"imported from {path}"})
   return rows
 
 
@@ -117,8 +143,9 @@ def _percent(value) -> str:
   return "FAIL" if value is None else f"{value:.2f}"
 
 
-def write_table(rows: list[dict], output: pathlib.Path, variant: str) -> str:
-  """Writes ``output``.csv and .md; returns the Markdown."""
+def write_table(rows: list[dict], output: pathlib.Path, variant: str, note: str = "") -> str:
+  """Writes ``output``.csv and .md (``note``: a paragraph on how the runs were made); returns the
+  Markdown."""
   output.parent.mkdir(parents=True, exist_ok=True)
   with open(output.with_suffix(".csv"), "w", newline="", encoding="utf-8") as f:
     writer = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -138,6 +165,7 @@ def write_table(rows: list[dict], output: pathlib.Path, variant: str) -> str:
       "paper Table 1); ours are the CPU-sized configs on the data named in "
       "`experiments/lra/sweep.py` (small real samples or generated data), so the two are not the "
       "same experiment. '-' is a run not made.",
+      *([note] if note else []),
       "",
       header,
       "|---" * (len(TASKS) + 1) + "|",
@@ -162,7 +190,8 @@ def write_table(rows: list[dict], output: pathlib.Path, variant: str) -> str:
         f"| {TITLES[r['task']]} | {r['attention']} | {r['test_accuracy']:.4f} | "
         f"{r['val_accuracy']:.4f} | {r['chance']:.4f} | {r['test_examples']} | {r['steps']} | "
         f"{r['train_steps_per_s']:.2f} | {r['num_params']:,} | {r['wall_time_s']:.0f} | "
-        f"`{r['attention_kwargs']}`{'' if r['config_matches'] else ' (config differs)'} |")
+        f"`{r['attention_kwargs']}`{'' if r['config_matches'] else ' (config differs)'}"
+        f"{' (imported)' if r['source'].startswith('imported') else ''} |")
   markdown = "\n".join(lines) + "\n"
   output.with_suffix(".md").write_text(markdown, encoding="utf-8")
   return markdown
@@ -210,6 +239,11 @@ def main() -> None:
                       help="override every config's steps (default: the configs')")
   parser.add_argument("--rerun", action="store_true", help="train even where results.json exists")
   parser.add_argument("--gather_only", action="store_true")
+  parser.add_argument("--import_csv", action="append", default=[], metavar="TASK=PATH",
+                      help="also tabulate the runs of TASK in PATH (e.g. "
+                      "listops=experiments/lra/results/listops_cpu_mechanisms.csv)")
+  parser.add_argument("--note", default="", help="a sentence for the table, e.g. how the runs "
+                      "were made (machine, load)")
   parser.add_argument("--output", default=str(RESULTS / "lra_cpu_sweep"),
                       help="path prefix of the .md, .csv and .png outputs")
   args = parser.parse_args()
@@ -227,10 +261,14 @@ def main() -> None:
         elif args.rerun or not (run_dir / "results.json").is_file():
           train.train_and_evaluate(config, run_dir)
   rows = gather(workdir, args, args.variant)
+  imported = [row for spec in args.import_csv for row in import_csv(spec, workdir, args,
+                                                                     args.variant)]
+  rows = sorted(rows + imported, key=lambda r: (TASKS.index(r["task"]),
+                                                lra_configs.ATTENTION_NAMES.index(r["attention"])))
   if not rows:
     parser.error(f"no results.json under {workdir}/<task>/<mechanism>/")
   output = pathlib.Path(args.output)
-  print(write_table(rows, output, args.variant))
+  print(write_table(rows, output, args.variant, args.note))
   plot(rows, output)
 
 
