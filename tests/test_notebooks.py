@@ -83,6 +83,7 @@ def kernel_env() -> dict[str, str]:
   return env
 
 
+@pytest.mark.slow  # Deselect with -m "not slow"; CI runs it.
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=notebook_id)
 def test_notebook_runs_top_to_bottom(path, tmp_path):
   nb = nbformat.read(path, as_version=4)
