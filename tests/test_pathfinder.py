@@ -260,7 +260,7 @@ def test_official_configs():
 @pytest.mark.parametrize("spec", ["pathfinder.py:cpu", "pathx.py:cpu"])
 def test_config_trains_two_steps(tmp_path, spec):
   """The data the config names (rendered into the workdir), its model and optimiser: two train
-  steps and an evaluation of the test split (the loop itself is tested in test_train.py)."""
+  steps (the loop itself is tested in test_train.py)."""
   config = config_utils.load(f"{REPO}/configs/lra/{spec}")
   config.dataset.generator.update(num_images=40, workers=0)
   config.model.update(emb_dim=16, num_heads=2, qkv_dim=16, mlp_dim=16)
@@ -282,7 +282,5 @@ def test_config_trains_two_steps(tmp_path, spec):
   for batch in (first, next(batches)):
     state, metrics = step(state, batch)
   assert int(state.step) == 2 and np.isfinite(float(metrics["loss"]))
-  evaluate = jax.jit(functools.partial(train.eval_step, model=model))
-  counts = [float(evaluate(state.params, batch)["count"])
-            for batch in dataset.eval_batches("test", batch_size=8)]
-  assert sum(counts) == 4  # 10% of 40 images.
+  test_rows = sum(batch["weights"].sum() for batch in dataset.eval_batches("test", batch_size=8))
+  assert test_rows == 4  # 10% of 40 images.

@@ -127,6 +127,14 @@ class ArrayDataset:
                                  shard_index=shard_index, shard_count=shard_count)
 
 
+def describe_differences(stored: Mapping[str, Any], requested: Mapping[str, Any]) -> str:
+  """``'key: stored X vs requested Y, ...'`` for the keys whose values differ (sorted), for the
+  error a generator raises when its output directory holds data made with other parameters."""
+  return ", ".join(f"{k}: stored {stored.get(k)!r} vs requested {requested.get(k)!r}"
+                   for k in sorted(set(stored) | set(requested))
+                   if stored.get(k) != requested.get(k))
+
+
 def names() -> tuple[str, ...]:
   """The registered dataset names (``config.dataset.name``)."""
   return tuple(_REGISTRY)

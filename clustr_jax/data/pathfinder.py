@@ -7,7 +7,8 @@ short line segments ("paddles") separated by small gaps. LRA's "Pathfinder" is t
 
 Sources (../shared/reference/data_formats.md §2 and lra.md §3-§5.2, §6):
   * The generator of ``drewlinsley/pathfinder`` @ 7b538865 (``snakes2.py``, ``snakes.py``), with
-    LRA's parameters from the docstrings of ``lra_benchmarks/data/pathfinder.py`` (``lra_parameters``).
+    LRA's parameters from the docstrings of ``lra_benchmarks/data/pathfinder.py``
+    (``lra_parameters``).
   * The LRA release layout, read by ``read_release``::
 
       <root>/metadata/<k>.npy         plain text despite the extension: one row per image,
@@ -51,9 +52,13 @@ Choices where the official code leaves one open, or is broken (each documented w
     ``distractor_length`` cannot be a paddle count).
   * The official loop resamples a failed target pair forever; here it gives up with an error
     after ``MAX_PAIR_ATTEMPTS``.
-  * Kept as published: the second target tail is not checked against the first contour; the
-    target pair's last paddle of the first contour never enters the occupancy (distractors may
-    touch it); the seeding structure element is offset by one pixel from its anchor.
+  * Kept as published: a new paddle is checked against an occupancy that holds neither its own
+    contour's previous paddle nor the other target's newest one, so the two target contours can
+    cross at their growing ends; the second target tail is not checked against the first
+    contour; the first target's last paddle never enters the occupancy (distractors may touch
+    it); the seeding structure element is offset by one pixel from its anchor. So the label is
+    the generator's (which contour carries the second marker), not always decidable from pixel
+    connectivity alone.
   * Splits: LRA takes TFDS ``[:80%]`` / ``[80%:90%]`` / ``[90%:]`` of a Beam-built order that
     cannot be rebuilt; ``split`` shuffles all images with a seeded permutation (as S4's reader)
     and takes 80% / 10% / 10%.
@@ -63,8 +68,8 @@ Choices where the official code leaves one open, or is broken (each documented w
 
 Tokens are the raw pixel values 0..255 (vocabulary 256, not normalised, LRA ``normalize=False``),
 flattened row-major to ``resolution ** 2``. LRA's encoder treats token 0 as padding (mask
-``inputs > 0``), so black pixels take no part in attention: that quirk belongs to the model (the
-LRA encoder's padding mask), and these tokens leave it as LRA has it.
+``inputs > 0``), so black pixels take no part in attention: that quirk belongs to the model
+(``clustr_jax/models/lra.py`` field ``zero_is_padding``, on in the faithful configs).
 
 Command line::
 
@@ -356,7 +361,8 @@ class _Canvas:
     self.padded = np.zeros((n + 2 * margin, n + 2 * margin), np.float32)
     self.occupancy = self.padded[margin:margin + n, margin:margin + n]
     p = params.padding
-    self.occupancy[:p], self.occupancy[-p:], self.occupancy[:, :p], self.occupancy[:, -p:] = 1, 1, 1, 1
+    occupancy = self.occupancy
+    occupancy[:p], occupancy[-p:], occupancy[:, :p], occupancy[:, -p:] = 1, 1, 1, 1
 
   def copy(self) -> _Canvas:
     other = object.__new__(_Canvas)
@@ -659,8 +665,7 @@ def ensure_generated(out_dir: str | os.PathLike, params: PathfinderParams, *, nu
   if description.is_file():
     stored = json.loads(description.read_text(encoding="utf-8"))
     if stored != wanted:
-      diff = ", ".join(f"{k}: stored {stored.get(k)!r} vs requested {wanted.get(k)!r}"
-                       for k in sorted(set(stored) | set(wanted)) if stored.get(k) != wanted.get(k))
+      diff = data_lib.describe_differences(stored, wanted)
       raise ValueError(f"{root} holds a Pathfinder set generated with other parameters ({diff}); "
                        f"delete it or use another directory")
   elif (root / "metadata").is_dir() and any((root / "metadata").iterdir()):
@@ -793,6 +798,18 @@ def split(images: np.ndarray, labels: np.ndarray, *,
           for name, part in zip(("train", "val", "test"), parts)}
 
 
+def dataset_config(resolution: int, difficulty: str, num_images: int) -> dict:
+  """``config.dataset`` (as a dict) of a set rendered with ``lra_parameters(resolution,
+  difficulty)``, for ``configs/lra/{pathfinder,pathx}.py``: ``generator`` holds every
+  ``PathfinderParams`` field except ``window_size`` (= ``resolution``)."""
+  params = dataclasses.asdict(lra_parameters(resolution, difficulty))
+  del params["window_size"]
+  return dict(name="pathfinder", resolution=resolution, max_length=resolution * resolution,
+              data_dir=None, generate=True, split_seed=0,
+              generator=dict(params, num_images=num_images, images_per_batch=1000, seed=0,
+                             workers=0))
+
+
 def load_dataset(config, workdir: pathlib.Path) -> data_lib.ArrayDataset:
   """The train loop's Pathfinder / Path-X dataset (``clustr_jax.data.get``) from ``config.dataset``.
 
@@ -812,6 +829,9 @@ def load_dataset(config, workdir: pathlib.Path) -> data_lib.ArrayDataset:
   import jax  # pylint: disable=g-import-not-at-top  (the generator and reader need no JAX)
   ds = config.dataset
   resolution = int(ds.resolution)
+  if ds.get("max_length", resolution * resolution) != resolution * resolution:
+    raise ValueError(f"config.dataset.max_length={ds.max_length} must be resolution ** 2 = "
+                     f"{resolution * resolution} (config.dataset.resolution={resolution})")
   data_dir = (pathlib.Path(ds.data_dir) if ds.data_dir
               else workdir / "data" / f"pathfinder{resolution}")
   if ds.generate and jax.process_index() == 0:
