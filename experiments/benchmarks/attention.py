@@ -24,14 +24,15 @@ Mechanisms (the name's suffix is the scope):
 heads' queries, keys and values to the heads' outputs (CAST's surrogate affinities included).
 
 Caps keep a run bounded: a mechanism whose compiled memory exceeds --max_memory_gb is skipped;
-one whose warm-up call exceeds --time_cap_s runs --capped_reps repetitions instead of --reps, and
-is not run at larger lengths (the output says so in the 'note' column).
+one whose warm-up call exceeds --time_cap_s gets --capped_reps timings (its warm-up counts as the
+first) instead of --reps, and is not run at larger lengths unless listed in --uncapped (the
+output says so in the 'note' column).
 
-  # The issue-7 targets (dense at N = 8192 dominates: about 1 minute per fwd+bwd call here):
+  # The issue-7 targets (dense at N = 8192 dominates: 40 s per fwd+bwd call on 2 idle cores):
   python experiments/benchmarks/attention.py --preset=targets_8192
   python experiments/benchmarks/attention.py --preset=targets_scaling
   python experiments/benchmarks/attention.py --preset=targets_short
-  # The sweep (lengths 512 .. 65536, batch 1 and 8, float32 and bfloat16), on a quiet machine:
+  # The sweep (lengths 512 .. 65536, batch 1 and 8, float32 and bfloat16; hours on 2 cores):
   python experiments/benchmarks/attention.py --preset=sweep
   # Any subset:
   python experiments/benchmarks/attention.py --lengths=1024,4096 --batches=1 \
@@ -39,7 +40,8 @@ is not run at larger lengths (the output says so in the 'note' column).
 
 Outputs: <output>.csv (one row per mechanism, length, batch, dtype and pass), <output>.md (the
 table, the run's settings, load averages and the matmul ceiling) and, for a sweep,
-<output>_time.png and <output>_memory.png (log-log against length). Plots need matplotlib
+<output>_time.png and <output>_memory.png (log-log against length) when it covers several
+lengths. Plots need matplotlib
 (``pip install -e '.[bench]'``).
 """
 
