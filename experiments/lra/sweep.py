@@ -210,7 +210,7 @@ def plot(rows: list[dict], output: pathlib.Path) -> None:
                marker=markers[r["attention"]], s=50)
     ax.axhline(100 * r["chance"], color=colors[r["task"]], lw=0.6, ls=":")
   for task in dict.fromkeys(r["task"] for r in rows):
-    ax.scatter([], [], color=colors[task], marker="s", label=TITLES[task])
+    ax.plot([], [], color=colors[task], lw=6, label=TITLES[task])
   for mechanism in dict.fromkeys(r["attention"] for r in rows):
     ax.scatter([], [], color="gray", marker=markers[mechanism], label=mechanism)
   ax.set_xscale("log")
