@@ -51,21 +51,7 @@ def get_config(arg=None):
                          steps=recipes.steps_per_epoch(config.batch_size))
   config.weight_decay_skip = ()  # No positional embeddings; biases and norms still skip.
   config.grad_clip_norm = clip
-  config.log_every_steps = 100
-  config.eval_every_steps = recipes.steps_per_epoch(config.batch_size)
-  config.checkpoint_every_steps = recipes.steps_per_epoch(config.batch_size)
-  config.max_checkpoints_to_keep = 3
-  config.data_workers = 0 if arg.cpu else 8
-
+  recipes.schedule_and_data_workers(config, cpu=arg.cpu)
   if arg.cpu:
-    config.model.drop_path_rate = 0.0
-    config.batch_size = 64
-    config.eval_batch_size = 100
-    config.learning_rate = 1e-3
-    config.num_train_steps = arg.steps
-    config.warmup_steps = max(1, arg.steps // 10)
-    config.cooldown_steps = 0
-    config.log_every_steps = 25
-    config.eval_every_steps = arg.steps
-    config.checkpoint_every_steps = arg.steps
+    recipes.cpu_variant(config, arg.steps)
   return config

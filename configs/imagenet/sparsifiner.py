@@ -84,11 +84,7 @@ def get_config(arg=None):
       name=model, attention="dense", img_size=config.dataset.image_size, patch_size=patch,
       dtype="float32", checkpoint=ml_collections.FieldReference(teacher or None,
                                                                 field_type=str)))
-  config.log_every_steps = 100
-  config.eval_every_steps = steps
-  config.checkpoint_every_steps = steps
-  config.max_checkpoints_to_keep = 3
-  config.data_workers = 0 if arg.cpu else 8
+  recipes.schedule_and_data_workers(config, cpu=arg.cpu)
 
   if arg.cpu:
     config.batch_size = 64
