@@ -1,18 +1,22 @@
 """One training loop for every model and task, read top to bottom.
 
 ``train_and_evaluate(config, workdir)``:
-  mesh -> data -> model + optimizer -> sharded state -> restore -> step loop (log, eval, save)
-  -> test -> ``results.json``.
+  defaults -> mesh -> validate -> data -> model + optimizer -> sharded state -> restore
+  -> step loop (log with MFU, check finiteness, eval, save, preemption) -> test -> ``results.json``.
 
 Everything it needs comes from ``config`` (an ``ml_collections.ConfigDict``, see
-``configs/lra/listops.py`` for every key); nothing below reads flags or global state. The data
-come from ``clustr_jax.data.get(config, workdir)`` (a ``Dataset``: train iterator, eval batches,
-the model's input keys and data-given model defaults), so any dataset family plugs in there. Targets
-are class ids [batch] or target distributions [batch, classes]. The step is
-``jax.jit`` with input/output shardings over a ('data', 'fsdp', 'model') mesh and a donated state;
-each process feeds its own shard of the batch (``jax.make_array_from_process_local_data``).
+``configs/lra/listops.py``; every optional train-loop key has its default and documentation in
+``clustr_jax/defaults.py``); nothing below reads flags or global state. The data come from
+``clustr_jax.data.get(config, workdir)`` (a ``Dataset``: train iterator, eval batches, the model's
+input keys and data-given model defaults), so any dataset family plugs in there. Targets are class
+ids [batch] or target distributions [batch, classes]. The step is ``jax.jit`` with input/output
+shardings over a ('data', 'fsdp', 'model') mesh and a donated state, compiled ahead of time on
+the first batch (XLA's FLOP count feeds the MFU estimate); each process feeds its own shard of the
+batch (``jax.make_array_from_process_local_data``). ``grad_accum_steps`` splits the batch into
+micro-batches accumulated by ``optax.MultiSteps``; a non-finite loss or gradient stops the run
+before any later checkpoint (or is skipped and counted); SIGTERM saves and returns.
 Outputs in ``workdir``: ``checkpoints/`` (Orbax), ``metrics.jsonl``, ``tensorboard/``,
-``results.json``.
+``profile/`` (if tracing), ``results.json``.
 """
 
 from __future__ import annotations
@@ -95,6 +99,45 @@ def create_train_state(model: nn.Module, tx: optax.GradientTransformation, rng: 
   params = model.init({"params": rng, "dropout": rng}, *sample_inputs, train=False)["params"]
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                     nonfinite_steps=jnp.zeros((), jnp.int32))
+
+
+def init_sharded_state(model: nn.Module, tx: optax.GradientTransformation, rng: jax.Array,
+                       mesh: jax.sharding.Mesh, *sample_inputs: jax.Array
+                       ) -> tuple[TrainState, Any, Any]:
+  """The initial state, placed on ``mesh`` by the logical axis rules of its parameters.
+
+  Call inside ``jax.set_mesh(mesh)`` and ``nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES)``.
+
+  Returns:
+    (state, its tree of ``NamedSharding``, the boxed abstract state with the logical names).
+
+  Raises:
+    ValueError: a sharded parameter dimension that the mesh does not divide
+      (``sharding.check_divisible``, naming the parameter and the ``config.mesh`` key).
+  """
+  init_fn = functools.partial(create_train_state, model, tx)
+  boxed = jax.eval_shape(init_fn, rng, *sample_inputs)
+  state_sharding = sharding.logical_to_sharding(boxed, mesh)
+  sharding.check_divisible(boxed, state_sharding)
+  state = jax.jit(lambda r, *x: nn.unbox(init_fn(r, *x)), out_shardings=state_sharding)(
+      rng, *sample_inputs)
+  return state, state_sharding, boxed
+
+
+def jit_train_step(state_sharding: Any, mesh: jax.sharding.Mesh, *, donate: bool = True,
+                   teacher_sharding: Any = None, **step_kwargs: Any):
+  """``train_step`` with ``step_kwargs`` bound, jitted with the state's shardings, the batch
+  sharded over ('data', 'fsdp'), replicated metrics and (``donate``) a donated state.
+
+  Called as ``(state, batch)``, or as ``(state, batch, teacher_params)`` when
+  ``teacher_sharding`` (the teacher parameters' shardings) is given.
+  """
+  in_shardings = (state_sharding, sharding.batch_sharding(mesh))
+  if teacher_sharding is not None:
+    in_shardings += (teacher_sharding,)
+  return jax.jit(functools.partial(train_step, **step_kwargs), in_shardings=in_shardings,
+                 out_shardings=(state_sharding, sharding.replicated(mesh)),
+                 donate_argnums=0 if donate else ())
 
 
 def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
@@ -384,12 +427,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
                    for shape, dtype in (dataset.example_spec[k] for k in input_keys))
 
     # Sharded state: shardings from the logical axis names of the boxed abstract state.
-    init_fn = functools.partial(create_train_state, model, tx)
-    abstract_boxed = jax.eval_shape(init_fn, init_rng, *sample)
-    state_sharding = sharding.logical_to_sharding(abstract_boxed, mesh)
-    sharding.check_divisible(abstract_boxed, state_sharding)
-    state = jax.jit(lambda r, *x: nn.unbox(init_fn(r, *x)), out_shardings=state_sharding)(
-        init_rng, *sample)
+    state, state_sharding, _ = init_sharded_state(model, tx, init_rng, mesh, *sample)
     if distillation is not None and distillation.init_checkpoint:
       params = jax.device_put(distillation.initial_params(state.params), state_sharding.params)
       state = state.replace(params=params, opt_state=jax.jit(
@@ -418,13 +456,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     # Steps. The train step is compiled ahead of time on the first batch, which also gives
     # XLA's FLOP count for the MFU estimate.
     batch_in = sharding.batch_sharding(mesh)
-    jit_train_step = jax.jit(
-        functools.partial(train_step, model=model, tx=tx, schedule=schedule, rng=step_rng,
-                          input_keys=input_keys, grad_accum_steps=config.grad_accum_steps,
-                          skip_nonfinite=config.on_nonfinite == "skip",
-                          objective=distillation.objective if distillation else None),
-        in_shardings=(state_sharding, batch_in, teacher_sharding),
-        out_shardings=(state_sharding, sharding.replicated(mesh)), donate_argnums=0)
+    jitted_step = jit_train_step(
+        state_sharding, mesh, model=model, tx=tx, schedule=schedule, rng=step_rng,
+        input_keys=input_keys, grad_accum_steps=config.grad_accum_steps,
+        skip_nonfinite=config.on_nonfinite == "skip", teacher_sharding=teacher_sharding,
+        objective=distillation.objective if distillation else None)
+    teacher_args = () if teacher is None else (teacher,)
     p_train_step, step_flops = None, None
     peak_flops = profiling.peak_flops_per_device(jax.devices()[0], config.peak_flops_per_device)
     p_eval_step = jax.jit(functools.partial(eval_step, model=model, input_keys=input_keys),
@@ -447,11 +484,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
       for step in range(start_step + 1, config.num_train_steps + 1):
         batch = global_batch(next(train_iter), mesh)
         if p_train_step is None:
-          p_train_step = jit_train_step.lower(state, batch, teacher).compile()
+          p_train_step = jitted_step.lower(state, batch, *teacher_args).compile()
           step_flops = profiling.compiled_flops(p_train_step)
           interval_start = time.time()
         tracer.before_step(step, state)
-        state, step_metrics = p_train_step(state, batch, teacher)
+        state, step_metrics = p_train_step(state, batch, *teacher_args)
         tracer.after_step(step, state)
         pending.append((step, step_metrics))
         progress.update(1)

@@ -245,6 +245,29 @@ class ClusTRVariantsTest(chex.TestCase):
     real = np.asarray(mask)
     np.testing.assert_allclose(np.asarray(y)[real], np.asarray(expected)[real], atol=1e-5)
 
+  def test_chunked_delta_from_neighbour_lists_equals_unchunked(self):
+    """With length > DELTA_NEIGHBOURS, the chunked path takes delta from the neighbour lists and
+    recomputes only the unresolved rows; here more of them than one step holds (several loop
+    steps), with padding. Everything equals the unchunked path, which reads the full matrix."""
+    length, chunk = 96, 2
+    rng = np.random.default_rng(3)   # a random walk: smooth tokens, many local density peaks
+    x = np.cumsum(rng.standard_normal((2, length, 4)), axis=1).astype(np.float32)
+    mask = lengths_mask(length, (96, 70))
+    unchunked = jax.jit(clusterer((4, 12)))(jnp.asarray(x), mask)
+    result = jax.jit(clusterer((4, 12), chunk_size=chunk))(jnp.asarray(x), mask)
+    np.testing.assert_array_equal(result.labels, unchunked.labels)
+    chex.assert_trees_all_equal(result.centres, unchunked.centres)
+    np.testing.assert_allclose(result.density, unchunked.density, rtol=1e-6)
+    np.testing.assert_allclose(result.delta, unchunked.delta, rtol=1e-6)
+    # Count the rows without a denser token among their DELTA_NEIGHBOURS nearest real tokens.
+    rho = np.asarray(unchunked.density)
+    unresolved = []
+    for b, r in enumerate((96, 70)):
+      d = np.linalg.norm(x[b, :, None, :r] - x[b, None, :r, :], axis=-1)   # [N, r]
+      near = np.argsort(d, axis=1, kind="stable")[:, :clustr.DELTA_NEIGHBOURS]
+      unresolved.append(int(np.sum(~np.any(rho[b][near] > rho[b][:, None], axis=1))))
+    assert max(unresolved) > min(chunk, clustr.DELTA_STEP_ROWS), unresolved
+
   @chex.variants(with_jit=True, without_jit=True)
   def test_padding_never_changes_real_tokens(self):
     """Appending garbage tokens with mask False changes nothing (density noise on)."""
@@ -356,6 +379,23 @@ def test_gradients_reach_every_parameter_but_not_the_clustering():
   fixed_value, fixed_grad_x = jax.jit(jax.value_and_grad(fixed_loss))(x)
   np.testing.assert_allclose(value, fixed_value, rtol=1e-5)
   np.testing.assert_allclose(grad_x, fixed_grad_x, atol=1e-5)
+
+
+def test_chunked_clustering_and_merge_memory_is_linear_in_length():
+  """With distance_chunk_size set, no buffer of the clustering and the merge (forward and
+  backward) grows as N^2, even with num_clusters proportional to N: doubling N at most
+  (about) doubles XLA's temporary memory (the former one-hot centres and [sum_s M_s, N]
+  membership made it 4x)."""
+  def temp_bytes(length):
+    x = jax.ShapeDtypeStruct((1, length, 8), jnp.float32)
+    scales = (length // 16, length // 4)
+
+    def loss(x):
+      labels = clustr.dpc_knn_cluster(x, None, scales, chunk_size=64).labels
+      return sum(jnp.sum(m ** 2) for m in clustr.merge_tokens(x, x[..., 0], labels, scales, 1e-6))
+    return jax.jit(jax.grad(loss)).lower(x).compile().memory_analysis().temp_size_in_bytes
+
+  assert temp_bytes(2048) <= 2.2 * temp_bytes(1024)
 
 
 def test_few_real_tokens_still_work():

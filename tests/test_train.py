@@ -1,6 +1,8 @@
-"""The train loop: sharded steps, checkpoint/resume with the data order, results.json."""
+"""The train loop: sharded steps, results.json, profiling, config errors, non-finite steps.
 
-import functools
+Exact resume after SIGKILL/SIGTERM is tested step by step in test_resume.py.
+"""
+
 import json
 import pathlib
 
@@ -13,6 +15,7 @@ import pytest
 from clustr_jax import config_utils
 from clustr_jax import data as data_lib
 from clustr_jax import optim
+from clustr_jax import profiling
 from clustr_jax import sharding
 from clustr_jax import train
 
@@ -36,11 +39,6 @@ def tiny_config(num_train_steps=4):
   return config
 
 
-def read_train_losses(workdir):
-  lines = [json.loads(l) for l in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()]
-  return {l["step"]: l["loss"] for l in lines if l["split"] == "train"}
-
-
 def test_step_on_1_and_8_devices_gives_the_same_loss():
   config = tiny_config()
   model = train.create_model(config, {"vocab_size": 17, "num_classes": 10, "max_length": 32})
@@ -52,16 +50,10 @@ def test_step_on_1_and_8_devices_gives_the_same_loss():
   for devices in (jax.devices()[:1], jax.devices()[:8]):
     mesh = sharding.create_mesh(devices=devices)
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
-      init_fn = functools.partial(train.create_train_state, model, tx)
-      sample = jnp.zeros((8, 32), jnp.int32)
-      state_sharding = sharding.logical_to_sharding(
-          jax.eval_shape(init_fn, jax.random.key(0), sample), mesh)
-      state = jax.jit(lambda r, x: nn.unbox(init_fn(r, x)), out_shardings=state_sharding)(
-          jax.random.key(0), sample)
-      step = jax.jit(functools.partial(train.train_step, model=model, tx=tx, schedule=schedule,
-                                       rng=jax.random.key(1)),
-                     in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
-                     out_shardings=(state_sharding, sharding.replicated(mesh)))
+      state, state_sharding, _ = train.init_sharded_state(
+          model, tx, jax.random.key(0), mesh, jnp.zeros((8, 32), jnp.int32))
+      step = train.jit_train_step(state_sharding, mesh, donate=False, model=model, tx=tx,
+                                  schedule=schedule, rng=jax.random.key(1))
       global_batch = train.global_batch(batch, mesh)
       assert len(global_batch["inputs"].sharding.device_set) == len(devices)
       for _ in range(2):
@@ -72,28 +64,14 @@ def test_step_on_1_and_8_devices_gives_the_same_loss():
                results[1][1])
 
 
-def test_resume_continues_with_the_same_data_order(tmp_path):
-  """2 steps, then a restarted run to 4 steps == one uninterrupted 4-step run, step by step."""
-  data_dir = tmp_path / "data"
-  full, first = tmp_path / "full", tmp_path / "resumed"
-  config = tiny_config(4)
-  config.dataset.data_dir = str(data_dir)
-  train.train_and_evaluate(config, full)
-  short = tiny_config(2)
-  short.dataset.data_dir = str(data_dir)
-  results = train.train_and_evaluate(short, first)
-  assert results["step"] == 2
-  assert (first / "checkpoints" / "2").is_dir()
-  resumed = train.train_and_evaluate(config, first)
-  assert resumed["resumed_from_step"] == 2 and resumed["step"] == 4
-  assert read_train_losses(first) == read_train_losses(full)
-  np.testing.assert_allclose(resumed["test"]["accuracy"],
-                             json.loads((full / "results.json").read_text())["test"]["accuracy"])
-
-
-def test_results_json(tmp_path):
+def test_results_json_profile_and_mfu(tmp_path):
   config = tiny_config(2)
+  config.update(profile_start_step=2, profile_num_steps=1, peak_flops_per_device=1e12)
   results = train.train_and_evaluate(config, tmp_path)
+  assert list((tmp_path / "profile").rglob("*.xplane.pb"))
+  train_lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()
+                 if json.loads(l)["split"] == "train"]
+  assert all(0 < l["mfu"] < 1 and l["step_time_s"] > 0 for l in train_lines)
   saved = json.loads((tmp_path / "results.json").read_text())
   assert saved["step"] == 2 and saved["num_train_steps"] == 2
   assert saved["test"]["num_examples"] == 20 and saved["val"]["num_examples"] == 20
@@ -155,3 +133,127 @@ def test_dataset_errors_name_the_problem(tmp_path):
   assert dataset.example_spec == {"inputs": ((3,), np.int32), "targets": ((), np.int32)}
   with pytest.raises(KeyError, match="split 'test' unknown; valid: val"):
     dataset.eval_batches("test", batch_size=2)
+
+
+def test_config_validation_names_the_key_and_the_choices(tmp_path):
+  for key, value, match in (
+      ("model.name", "bogus", r"config.model.name='bogus' unknown; valid: lra_encoder"),
+      ("model.attention", "bogus", r"config.model.attention='bogus' unknown; valid: dense, "
+                                   r"clustr, cast, sparsifiner"),
+      ("model.qkv_dim", 15, r"config.model.qkv_dim=15 must be divisible by "
+                            r"config.model.num_heads=2"),
+      ("grad_accum_steps", 3, r"config.batch_size=8 must be a positive multiple of the "
+                              r"data-parallel size data\*fsdp=8 times config.grad_accum_steps=3"),
+      ("on_nonfinite", "ignore", r"config.on_nonfinite='ignore' unknown; valid: stop, skip"),
+  ):
+    config = tiny_config(2)
+    parent, _, leaf = key.rpartition(".")
+    (config[parent] if parent else config)[leaf] = value
+    with pytest.raises(ValueError, match=match):
+      train.train_and_evaluate(config, tmp_path / "run")
+  config = tiny_config(2)
+  config.dataset.update(generate=False, data_dir=str(tmp_path / "nowhere"))
+  with pytest.raises(FileNotFoundError, match=str(tmp_path / "nowhere" / "basic_train.tsv")):
+    train.train_and_evaluate(config, tmp_path / "run")
+
+
+def nan_dataset(num_steps=6):
+  """(ArrayDataset with NaN soft targets in one example, the steps <= num_steps serving it).
+
+  The example is one the seeded train iterator (batch 8, seed 0) first serves at step 3, 4 or 5.
+  """
+  rng = np.random.default_rng(0)
+  inputs = rng.integers(1, 17, (48, 32)).astype(np.int32)
+  targets = np.eye(10, dtype=np.float32)[rng.integers(0, 10, 48)]
+  indexed = data_lib.ArrayDataset({"train": {"index": np.arange(48), "targets": targets}},
+                                  input_keys=("index",))
+  iterator = indexed.train_iterator(batch_size=8, seed=0)
+  steps_of = {}
+  for step in range(1, num_steps + 1):
+    for index in next(iterator)["index"]:
+      steps_of.setdefault(int(index), []).append(step)
+  bad = next(i for i, steps in sorted(steps_of.items()) if 3 <= steps[0] <= 5)
+  targets[bad] = np.nan
+  clean = {"inputs": inputs[:8], "targets": np.eye(10, dtype=np.float32)[:8]}
+  dataset = data_lib.ArrayDataset(
+      {"train": {"inputs": inputs, "targets": targets}, "val": clean, "test": clean},
+      model_kwargs={"vocab_size": 17, "num_classes": 10, "max_length": 32})
+  return dataset, steps_of[bad]
+
+
+def test_nonfinite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(
+    tmp_path, monkeypatch):
+  dataset, bad_steps = nan_dataset()
+  monkeypatch.setattr(data_lib, "get", lambda config, workdir: dataset)
+  config = tiny_config(6)
+  config.max_checkpoints_to_keep = 1
+  with pytest.raises(FloatingPointError, match=rf"non-finite loss=nan, .* at step "
+                                              rf"{bad_steps[0]}; the last good checkpoint is "
+                                              rf"step {(bad_steps[0] - 1) // 2 * 2} in "):
+    train.train_and_evaluate(config, tmp_path)
+  saved = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+  assert saved == [(bad_steps[0] - 1) // 2 * 2]
+  assert not (tmp_path / "results.json").exists()
+
+  # 'skip': the bad updates are left out and counted, the run finishes with finite parameters.
+  config.on_nonfinite, config.max_nonfinite_steps = "skip", 10
+  results = train.train_and_evaluate(config, tmp_path / "skip")
+  assert results["nonfinite_steps"] == len(bad_steps) and results["step"] == 6
+  assert np.isfinite(results["test"]["loss"])
+  lines = [json.loads(l) for l in (tmp_path / "skip" / "metrics.jsonl").read_text().splitlines()]
+  train_lines = [l for l in lines if l["split"] == "train"]
+  assert all(np.isfinite(l["loss"]) != (l["step"] in bad_steps) for l in train_lines)
+  assert [l["nonfinite_steps"] for l in train_lines][-1] == len(bad_steps)
+
+
+def test_skipping_stops_after_max_nonfinite_steps():
+  records = [(4, {"loss": float("nan"), "grad_norm": float("nan"), "nonfinite": 1.0,
+                  "nonfinite_steps": 3})]
+  config = tiny_config(2)
+  config.update(on_nonfinite="skip", max_nonfinite_steps=2)
+
+  class Ckpt:
+    directory = "/ckpt"
+
+    @staticmethod
+    def latest_step():
+      return 2
+
+  with pytest.raises(FloatingPointError, match=r"3 updates skipped, more than "
+                                               r"config.max_nonfinite_steps=2: .* at step 4; "
+                                               r"the last good checkpoint is step 2"):
+    train.check_finite(records, config, Ckpt)
+  config.max_nonfinite_steps = 3
+  train.check_finite(records, config, Ckpt)
+
+
+def test_command_line_accepts_defaults_missing_from_the_file_and_rejects_typos():
+  from absl import app  # pylint: disable=g-import-not-at-top
+  from clustr_jax import main  # pylint: disable=g-import-not-at-top
+  file_config = tiny_config(2)
+  del file_config["grad_clip_norm"]
+  main.check_overrides(file_config, {"grad_accum_steps": 4, "grad_clip_norm": 1.0,
+                                     "model.dtype": "bfloat16", "mesh.fsdp": 2}, "x.py")
+  with pytest.raises(app.UsageError, match=r"--config.grad_acum_steps: unknown config key "
+                                           r"\(not in x.py"):
+    main.check_overrides(file_config, {"grad_acum_steps": 4}, "x.py")
+  with pytest.raises(app.UsageError, match=r"--config.model.bogus: unknown"):
+    main.check_overrides(file_config, {"model.bogus": 1}, "x.py")
+  config = train.defaults.with_defaults(file_config)
+  assert config.grad_accum_steps == 1 and config.on_nonfinite == "stop"
+  assert config.grad_clip_norm is None and config.mesh.to_dict() == dict(data=-1, fsdp=1, model=1)
+  assert "grad_accum_steps" not in file_config  # The config itself is unchanged.
+
+
+def test_peak_flops_and_mfu():
+  class Device:
+    device_kind = "TPU v5 lite"
+
+  assert profiling.peak_flops_per_device(Device()) == 197e12
+  Device.device_kind = "cpu"
+  assert profiling.peak_flops_per_device(Device()) is None
+  assert profiling.peak_flops_per_device(Device(), 2e12) == 2e12
+  with pytest.raises(ValueError, match="config.peak_flops_per_device must be > 0"):
+    profiling.peak_flops_per_device(Device(), 0.0)
+  assert profiling.mfu(1e12, 0.5, 4e12) == pytest.approx(0.5)
+  assert profiling.mfu(None, 0.5, 4e12) is None and profiling.mfu(1e12, 0.5, None) is None

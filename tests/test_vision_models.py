@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from clustr_jax import models
+from clustr_jax import models, sharding
 from clustr_jax.models import vit
 
 # Official counts: timm DeiT (deit_{tiny,small,base}_patch16_224), the ClusTR.py code comments
@@ -40,9 +40,12 @@ def test_official_parameter_counts(name):
     assert count == OFFICIAL_COUNTS[name]
 
 
-def _init(model, x):
-  """Jitted init (eager Linen dispatch is slow on the CPU), parameters unboxed."""
-  return nn.meta.unbox(jax.jit(model.init)(jax.random.key(0), x))
+def _init(model, x, seed=0):
+  """Random variables of the model's shapes (normal, std 0.2): ``init`` traced, not compiled,
+  so that each test compiles only the one apply it checks (compiles dominate on the CPU)."""
+  shapes = nn.meta.unbox(jax.eval_shape(model.init, jax.random.key(0), x))
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(lambda s: jnp.asarray(0.2 * rng.normal(size=s.shape), s.dtype), shapes)
 
 
 def _jit_apply(model, train=False, mutable=False):
@@ -66,13 +69,12 @@ def test_vit_any_attention_shapes_and_drop_path(attention, options):
                      drop_path_rate=0.5, **TINY_VIT)
   x = _images(2, 32)
   variables = _init(model, x)
-  logits = _apply(model, variables, x)
-  chex.assert_shape(logits, (2, 10))
-  chex.assert_type(logits, jnp.float32)
-  chex.assert_tree_all_finite(logits)
   rngs = lambda s: {"dropout": jax.random.key(s), "clustering": jax.random.key(s)}  # noqa: E731
   train = _jit_apply(model, train=True)
   a, b = train(variables, x, rngs=rngs(1)), train(variables, x, rngs=rngs(2))
+  chex.assert_shape(a, (2, 10))
+  chex.assert_type(a, jnp.float32)
+  chex.assert_tree_all_finite(a)
   assert not np.allclose(a, b), "drop path must depend on the 'dropout' rng"
 
 
@@ -85,13 +87,14 @@ def test_clustr_pyramid_small_forward_and_names():
   assert set(params["block4_0"]["attn"]) == {"query", "key", "value", "out"}
   assert params["block1_0"]["mlp"]["dwconv"]["kernel"].shape == (3, 3, 1, 16 * 8)
   assert params["patch_embed1"]["proj"]["kernel"].shape == (7, 7, 3, 16)
-  logits = _apply(model, variables, x)
-  chex.assert_shape(logits, (2, 7))
-  chex.assert_tree_all_finite(logits)
-  out = _jit_apply(model, train=True)(
-      variables, x, rngs={"dropout": jax.random.key(1), "clustering": jax.random.key(2)})
-  chex.assert_tree_all_finite(out)
-  assert not np.allclose(out, logits)
+  # Eval mode (deterministic, no density noise) is checked against the official forward in
+  # test_convert.py; here train mode, which uses the 'dropout' and 'clustering' rngs.
+  train = _jit_apply(model, train=True)
+  rngs = lambda s: {"dropout": jax.random.key(s), "clustering": jax.random.key(s)}  # noqa: E731
+  a, b = train(variables, x, rngs=rngs(1)), train(variables, x, rngs=rngs(2))
+  chex.assert_shape(a, (2, 7))
+  chex.assert_tree_all_finite(a)
+  assert not np.allclose(a, b)
 
 
 def test_clustr_pyramid_dense_ablation_and_errors():
@@ -107,23 +110,22 @@ def test_clustr_pyramid_dense_ablation_and_errors():
                               **TINY_CLUSTR).init, jax.random.key(0), x)
 
 
-def test_sparsifiner_intermediates_reachable():
-  """Stage 1 (recon_mode) exposes A^ and the dense attention; stage 2 the mask and features."""
+def test_sparsifiner_stage1_intermediates_reachable():
+  """Stage 1 (recon_mode) exposes A^, the dense attention and the final tokens for the losses."""
   x = _images(2, 32)
-  for recon, key in [(True, "unmasked_attn"), (False, "attn_mask")]:
-    model = models.get("sparsifiner_deit_s", num_classes=5, **TINY_VIT,
-                       attention_kwargs={"recon_mode": recon, "path": "masked", "keep_rate": 0.5,
-                                         "basis_topk": 2})
-    variables = _init(model, x)
-    _, state = _apply(model, variables, x, mutable=["intermediates"])
-    inter = state["intermediates"]
-    n = (32 // 8) ** 2 + 1
-    chex.assert_shape(inter["blocks_1"]["attn"]["approx_attn"][0], (2, 2, n - 1, n))
-    assert key in inter["blocks_0"]["attn"]
-    chex.assert_shape(inter["features"][0], (2, n - 1, 32))
+  model = models.get("sparsifiner_deit_s", num_classes=5, **TINY_VIT,
+                     attention_kwargs={"recon_mode": True, "basis_topk": 2})
+  variables = _init(model, x)
+  _, state = _apply(model, variables, x, mutable=["intermediates"])
+  inter = state["intermediates"]
+  n = (32 // 8) ** 2 + 1
+  chex.assert_shape(inter["blocks_1"]["attn"]["approx_attn"][0], (2, 2, n - 1, n))
+  chex.assert_shape(inter["blocks_0"]["attn"]["unmasked_attn"][0], (2, 2, n, n))
+  chex.assert_shape(inter["features"][0], (2, n - 1, 32))
 
 
 def test_layer_attention_kwargs_and_bad_inputs():
+  """Per-layer keep rates (official attn_keep_rate_list); stage-2 selections are reachable."""
   model = models.get("sparsifiner_deit_s", num_classes=5, **TINY_VIT,
                      layer_attention_kwargs=({"keep_rate": 0.2}, {"keep_rate": 1.0}),
                      attention_kwargs={"path": "gather", "basis_topk": 2})
@@ -140,6 +142,10 @@ def test_layer_attention_kwargs_and_bad_inputs():
   with pytest.raises(ValueError, match="num_clusters"):
     jax.eval_shape(models.get("deit_ti", num_classes=2, attention="cast", **TINY_VIT).init,
                    jax.random.key(0), x)
+  with pytest.raises(ValueError, match="token pruning"):
+    jax.eval_shape(models.get("sparsifiner_deit_s", num_classes=2, **TINY_VIT,
+                              attention_kwargs={"token_keep_rate": 0.7}).init,
+                   jax.random.key(0), x)
   with pytest.raises(ValueError, match="no option"):
     jax.eval_shape(models.get("deit_ti", num_classes=2, attention_kwargs={"bogus": 1},
                               **TINY_VIT).init, jax.random.key(0), x)
@@ -154,3 +160,23 @@ def test_drop_path_statistics_and_schedule():
   np.testing.assert_allclose(np.asarray(y)[kept], 1 / 0.75, rtol=1e-6)
   assert (np.asarray(y)[kept] == np.asarray(y)[kept][:, :1]).all()   # whole samples
   np.testing.assert_allclose(vit.drop_path_rates(0.3, 4), [0.0, 0.1, 0.2, 0.3], rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["deit_ti", "sparsifiner_deit_s", "clustr_t"])
+def test_every_parameter_has_logical_axes_and_bfloat16_traces(name):
+  """All parameters carry logical names that the one rule table maps onto a mesh; a bfloat16
+  forward traces with float32 parameters and float32 logits."""
+  tiny = TINY_CLUSTR if name.startswith("clustr") else dict(TINY_VIT, attention_kwargs={
+      "basis_topk": 2} if name.startswith("sparsifiner") else None)
+  size = 64 if name.startswith("clustr") else 32
+  model = models.get(name, num_classes=4, dtype=jnp.bfloat16, **tiny)
+  x = jax.ShapeDtypeStruct((2, size, size, 3), jnp.float32)
+  boxed = jax.eval_shape(model.init, jax.random.key(0), x)["params"]
+  leaves = jax.tree.leaves(boxed, is_leaf=lambda b: isinstance(b, nn.Partitioned))
+  assert leaves and all(isinstance(b, nn.Partitioned) for b in leaves)
+  assert all(len(b.names) == b.value.ndim for b in leaves)
+  mesh = sharding.create_mesh(data=2, fsdp=2, model=2)
+  sharding.logical_to_sharding(boxed, mesh)
+  out = jax.eval_shape(lambda v, x: model.apply(v, x), {"params": boxed}, x)
+  assert out.dtype == jnp.float32 and out.shape == (2, 4)
+  assert all(b.value.dtype == jnp.float32 for b in leaves)

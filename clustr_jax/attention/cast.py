@@ -219,6 +219,128 @@ def _scatter_add(values: jax.Array, idx: jax.Array, length: int) -> jax.Array:
   return jax.vmap(jax.vmap(add))(values, idx)
 
 
+def _f(a: jax.Array, mask: jax.Array, axis: str) -> jax.Array:
+  """C1: f applied to affinities a [B, H, C, N] (pads excluded from a softmax over tokens)."""
+  if axis == "clusters":
+    return jax.nn.softmax(a, axis=-2)
+  if axis == "tokens":
+    return jax.nn.softmax(jnp.where(mask, a, base.MASK_VALUE), axis=-1)
+  return a
+
+
+def _cluster_affinity(a_q: jax.Array, a_k: jax.Array, mask: jax.Array, form: str,
+                      axis: str) -> jax.Array:
+  """C2: A_g [B, H, C, N] from A_q and A_k."""
+  if form == "sum":
+    return a_q + a_k
+  if form == "query":
+    return a_q
+  f_q, f_k = _f(a_q, mask, axis), _f(a_k, mask, axis)
+  return f_q + f_k if form == "f_sum" else f_q * f_k
+
+
+def _selector(clustering: str, sa_assignment: str):
+  """The selection function of C3 (and C4 under SA Top-K)."""
+  if clustering == "top_k":
+    return select_top_k
+  return {"argmax": select_sa_argmax, "greedy": select_sa_greedy,
+          "sequential": select_sa_sequential}[sa_assignment]
+
+
+def cast_attention(q: jax.Array, k: jax.Array, v: jax.Array, s: jax.Array, mask: jax.Array, *,
+                   cluster_size: int, clustering: str = "top_k",
+                   affinity_softmax_axis: str = "clusters", cluster_affinity: str = "f_sum",
+                   sa_assignment: str = "argmax", summary_support: str = "members",
+                   combination: str = "weighted", dropout=None
+                   ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """CAST attention proper, from the heads' queries, keys and values to their outputs.
+
+  The module docstring gives the equations; ``CASTAttention`` adds the projections and checks
+  the settings (the options here take the same values, unchecked).
+
+  Args:
+    q, k, v: [B, N, H, d], one floating dtype.
+    s: surrogates [H, N_c, d] in that dtype.
+    mask: bool [B, N], True = real token.
+    cluster_size: kappa, in [1, N].
+    clustering, affinity_softmax_axis, cluster_affinity, sa_assignment, summary_support,
+      combination: the choice points C3, C1, C2, C4, C5, C6 (see ``CHOICES``).
+    dropout: optional function applied to the intra-cluster weights [B, H, N_c, kappa, kappa].
+
+  Returns:
+    (out [B, N, H, d] in v's dtype, intermediates: 'cluster_indices' int32 and 'cluster_valid'
+    bool [B, H, N_c, kappa], 'coverage' int32 [B, H, N], 'alpha' float32 [B, H, N_c, N]).
+  """
+  batch, length, heads, head_dim = q.shape
+  num_clusters, kappa = s.shape[-2], cluster_size
+  scale = head_dim ** -0.5
+  token_mask = mask[:, None, None, :]                                     # [B, 1, 1, N]
+
+  # Heads-major layout [B, H, N, d] once: every product below is batched over (B, H) with the
+  # token axis contiguous (about 2x faster on the CPU than contracting the [B, N, H, d] layout).
+  q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))
+  # Affinities, stored transposed [B, H, C, N] so that selection runs along the last axis.
+  a_q = jnp.einsum("bhnd,hcd->bhcn", q, s).astype(jnp.float32) * scale
+  a_k_full = None
+  if summary_support == "all":
+    a_k_full = jnp.einsum("bhnd,hcd->bhcn", k, s).astype(jnp.float32) * scale
+
+  # Cluster selection: integers, no gradient (C2-C4, C8).
+  a_k_sel = (lax.stop_gradient(a_k_full) if a_k_full is not None else
+             jnp.einsum("bhnd,hcd->bhcn", lax.stop_gradient(k),
+                        lax.stop_gradient(s)).astype(jnp.float32) * scale)
+  ag = _cluster_affinity(lax.stop_gradient(a_q), a_k_sel, token_mask, cluster_affinity,
+                         affinity_softmax_axis)
+  ag = jnp.where(token_mask, ag, -jnp.inf)
+  idx, valid = _selector(clustering, sa_assignment)(ag, token_mask, kappa=kappa)  # [B,H,C,kappa]
+  idx, valid = lax.stop_gradient(idx), lax.stop_gradient(valid)
+  flat_idx = idx.reshape(batch, heads, num_clusters * kappa)
+
+  # Intra-cluster attention over the gathered members.
+  qkv = jnp.concatenate([q, k, v], axis=-1)                               # [B, H, N, 3d]
+  qkv_c = _gather(qkv, flat_idx).reshape(batch, heads, num_clusters, kappa, 3 * head_dim)
+  q_c, k_c, v_c = jnp.split(qkv_c, 3, axis=-1)                            # [B, H, C, kappa, d]
+  logits = jnp.einsum("bhcid,bhcjd->bhcij", q_c, k_c).astype(jnp.float32) * scale
+  logits = jnp.where(valid[..., None, :], logits, base.MASK_VALUE)
+  weights = jax.nn.softmax(logits, axis=-1)
+  if dropout is not None:
+    weights = dropout(weights)
+  r_intra = jnp.einsum("bhcij,bhcjd->bhcid", weights.astype(v.dtype), v_c)
+
+  # Cluster summaries (C5); a cluster without valid members has summary 0.
+  if summary_support == "members":
+    a_k_c = jnp.einsum("bhcjd,hcd->bhcj", k_c, s).astype(jnp.float32) * scale
+    w = jax.nn.softmax(jnp.where(valid, a_k_c, base.MASK_VALUE), axis=-1)
+    w = jnp.where(valid, w, 0.0)
+    r_inter = jnp.einsum("bhcj,bhcjd->bhcd", w.astype(v.dtype), v_c)
+  else:
+    w = jax.nn.softmax(jnp.where(token_mask, a_k_full, base.MASK_VALUE), axis=-1)
+    w = w * jnp.any(mask, axis=-1)[:, None, None, None]
+    r_inter = jnp.einsum("bhcn,bhnd->bhcd", w.astype(v.dtype), v)
+
+  # Combination (C6, C11): alpha = softmax over clusters of A_q.
+  alpha = jax.nn.softmax(a_q, axis=-2)                                    # [B, H, C, N]
+  # Invalid (pad) slots get weight 0: they add nothing anywhere, not even to the pad itself.
+  alpha_c = jnp.where(valid, jnp.take_along_axis(alpha, idx, axis=-1), 0.0)  # [B,H,C,kappa]
+  summaries = jnp.einsum("bhcn,bhcd->bhnd", alpha.astype(v.dtype), r_inter)
+  coverage = _scatter_add(valid.astype(jnp.int32).reshape(batch, heads, -1, 1), flat_idx,
+                          length)[..., 0]                                 # [B, H, N]
+  if combination == "weighted":
+    # sum_c alpha R_inter over all clusters, then swap R_inter for R_intra at member slots.
+    delta = jnp.where(valid[..., None],
+                      alpha_c[..., None].astype(v.dtype) * (r_intra - r_inter[..., None, :]), 0)
+    per_token = _scatter_add(delta.reshape(batch, heads, -1, head_dim), flat_idx, length)
+    out = summaries + per_token
+  else:
+    own = alpha_c[..., None].astype(v.dtype) * r_inter[..., None, :]
+    payload = jnp.where(valid[..., None], jnp.concatenate([r_intra, own], axis=-1), 0)
+    per_token = _scatter_add(payload.reshape(batch, heads, -1, 2 * head_dim), flat_idx, length)
+    intra = per_token[..., :head_dim] / jnp.maximum(coverage, 1)[..., None].astype(v.dtype)
+    out = summaries + intra - per_token[..., head_dim:]
+  aux = {"cluster_indices": idx, "cluster_valid": valid, "coverage": coverage, "alpha": alpha}
+  return out.transpose(0, 2, 1, 3), aux
+
+
 class CASTAttention(nn.Module):
   """CAST clustered self-attention with learnable surrogate tokens (our reconstruction).
 
@@ -284,40 +406,14 @@ class CASTAttention(nn.Module):
       raise ValueError(f"{_NAME}: cluster_size={self.cluster_size} must not exceed the sequence "
                        f"length {length}")
 
-  def _f(self, a: jax.Array, mask: jax.Array) -> jax.Array:
-    """C1: f applied to affinities a [B, H, C, N] (pads excluded from a softmax over tokens)."""
-    if self.affinity_softmax_axis == "clusters":
-      return jax.nn.softmax(a, axis=-2)
-    if self.affinity_softmax_axis == "tokens":
-      return jax.nn.softmax(jnp.where(mask, a, base.MASK_VALUE), axis=-1)
-    return a
-
-  def _cluster_affinity(self, a_q: jax.Array, a_k: jax.Array, mask: jax.Array) -> jax.Array:
-    """C2: A_g [B, H, C, N] from A_q and A_k."""
-    if self.cluster_affinity == "sum":
-      return a_q + a_k
-    if self.cluster_affinity == "query":
-      return a_q
-    f_q, f_k = self._f(a_q, mask), self._f(a_k, mask)
-    return f_q + f_k if self.cluster_affinity == "f_sum" else f_q * f_k
-
-  def _select(self, ag: jax.Array, eligible: jax.Array) -> tuple[jax.Array, jax.Array]:
-    if self.clustering == "top_k":
-      fn = select_top_k
-    else:
-      fn = {"argmax": select_sa_argmax, "greedy": select_sa_greedy,
-            "sequential": select_sa_sequential}[self.sa_assignment]
-    return fn(ag, eligible, kappa=self.cluster_size)
-
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array | None = None, *,
                deterministic: bool = True) -> jax.Array:
     mask = base.check_inputs(x, mask, _NAME)
-    batch, length, features = x.shape
+    length, features = x.shape[1:]
     self._check_settings(length)
     _, head_dim = base.head_dims(features, self.qkv_features, self.num_heads, _NAME)
     heads, num_clusters, kappa = self.num_heads, self.num_clusters, self.cluster_size
-    scale = head_dim ** -0.5
 
     proj = lambda name: base.HeadProjection(  # noqa: E731
         heads, head_dim, self.use_bias, self.dtype, self.param_dtype, name=name)
@@ -332,70 +428,14 @@ class CASTAttention(nn.Module):
     else:
       s = self.param("surrogates", nn.with_logical_partitioning(init, ("heads", "clusters", "kv")),
                      (heads, num_clusters, head_dim), self.param_dtype)
-    s = s.astype(self.dtype)
-    token_mask = mask[:, None, None, :]                                     # [B, 1, 1, N]
-
-    # Affinities, stored transposed [B, H, C, N] so that selection runs along the last axis.
-    a_q = jnp.einsum("bnhd,hcd->bhcn", q, s).astype(jnp.float32) * scale
-    a_k_full = None
-    if self.summary_support == "all":
-      a_k_full = jnp.einsum("bnhd,hcd->bhcn", k, s).astype(jnp.float32) * scale
-
-    # Cluster selection: integers, no gradient (C2-C4, C8).
-    a_k_sel = (lax.stop_gradient(a_k_full) if a_k_full is not None else
-               jnp.einsum("bnhd,hcd->bhcn", lax.stop_gradient(k),
-                          lax.stop_gradient(s)).astype(jnp.float32) * scale)
-    ag = self._cluster_affinity(lax.stop_gradient(a_q), a_k_sel, token_mask)
-    ag = jnp.where(token_mask, ag, -jnp.inf)
-    idx, valid = self._select(ag, token_mask)                               # [B, H, C, kappa]
-    idx, valid = lax.stop_gradient(idx), lax.stop_gradient(valid)
-    flat_idx = idx.reshape(batch, heads, num_clusters * kappa)
-
-    # Intra-cluster attention over the gathered members.
-    qkv = jnp.concatenate([q, k, v], axis=-1).transpose(0, 2, 1, 3)          # [B, H, N, 3d]
-    qkv_c = _gather(qkv, flat_idx).reshape(batch, heads, num_clusters, kappa, 3 * head_dim)
-    q_c, k_c, v_c = jnp.split(qkv_c, 3, axis=-1)                            # [B, H, C, kappa, d]
-    logits = jnp.einsum("bhcid,bhcjd->bhcij", q_c, k_c).astype(jnp.float32) * scale
-    logits = jnp.where(valid[..., None, :], logits, base.MASK_VALUE)
-    weights = jax.nn.softmax(logits, axis=-1)
-    weights = base.attention_dropout(weights, self.dropout_rate, deterministic)
-    r_intra = jnp.einsum("bhcij,bhcjd->bhcid", weights.astype(v.dtype), v_c)
-
-    # Cluster summaries (C5); a cluster without valid members has summary 0.
-    if self.summary_support == "members":
-      a_k_c = jnp.einsum("bhcjd,hcd->bhcj", k_c, s).astype(jnp.float32) * scale
-      w = jax.nn.softmax(jnp.where(valid, a_k_c, base.MASK_VALUE), axis=-1)
-      w = jnp.where(valid, w, 0.0)
-      r_inter = jnp.einsum("bhcj,bhcjd->bhcd", w.astype(v.dtype), v_c)
-    else:
-      w = jax.nn.softmax(jnp.where(token_mask, a_k_full, base.MASK_VALUE), axis=-1)
-      w = w * jnp.any(mask, axis=-1)[:, None, None, None]
-      r_inter = jnp.einsum("bhcn,bnhd->bhcd", w.astype(v.dtype), v)
-
-    # Combination (C6, C11): alpha = softmax over clusters of A_q.
-    alpha = jax.nn.softmax(a_q, axis=-2)                                    # [B, H, C, N]
-    # Invalid (pad) slots get weight 0: they add nothing anywhere, not even to the pad itself.
-    alpha_c = jnp.where(valid, jnp.take_along_axis(alpha, idx, axis=-1), 0.0)  # [B,H,C,kappa]
-    summaries = jnp.einsum("bhcn,bhcd->bnhd", alpha.astype(v.dtype), r_inter)
-    coverage = _scatter_add(valid.astype(jnp.int32).reshape(batch, heads, -1, 1), flat_idx,
-                            length)[..., 0]                                 # [B, H, N]
-    if self.combination == "weighted":
-      # sum_c alpha R_inter over all clusters, then swap R_inter for R_intra at member slots.
-      delta = jnp.where(valid[..., None],
-                        alpha_c[..., None].astype(v.dtype) * (r_intra - r_inter[..., None, :]), 0)
-      per_token = _scatter_add(delta.reshape(batch, heads, -1, head_dim), flat_idx, length)
-      out = summaries + per_token.transpose(0, 2, 1, 3)
-    else:
-      own = alpha_c[..., None].astype(v.dtype) * r_inter[..., None, :]
-      payload = jnp.where(valid[..., None], jnp.concatenate([r_intra, own], axis=-1), 0)
-      per_token = _scatter_add(payload.reshape(batch, heads, -1, 2 * head_dim), flat_idx, length)
-      intra = per_token[..., :head_dim] / jnp.maximum(coverage, 1)[..., None].astype(v.dtype)
-      out = summaries + (intra - per_token[..., head_dim:]).transpose(0, 2, 1, 3)
-
-    self.sow("intermediates", "cluster_indices", idx)
-    self.sow("intermediates", "cluster_valid", valid)
-    self.sow("intermediates", "coverage", coverage)
-    self.sow("intermediates", "alpha", alpha)
+    out, aux = cast_attention(
+        q, k, v, s.astype(self.dtype), mask, cluster_size=kappa, clustering=self.clustering,
+        affinity_softmax_axis=self.affinity_softmax_axis,
+        cluster_affinity=self.cluster_affinity, sa_assignment=self.sa_assignment,
+        summary_support=self.summary_support, combination=self.combination,
+        dropout=lambda w: base.attention_dropout(w, self.dropout_rate, deterministic))
+    for name, value in aux.items():
+      self.sow("intermediates", name, value)
     return base.OutputProjection(
         self.out_features or features, self.use_bias, self.dtype, self.param_dtype,
         name="out")(out.astype(self.dtype))

@@ -38,18 +38,24 @@ Initialisation: q, kv and proj use the codebase defaults (xavier-uniform with th
 matrices, zero biases); weight_layer uses normal(0.02), bias 0, as the official trunc_normal_(0.02)
 (whose cut at +-2 in absolute value never bites), so that w ~ 1 at initialisation.
 
-Cost per layer: clustering O(N^2 C) for the distances (twice when chunked: the density and delta
-passes each recompute their rows) plus O(N^2 k) for the kNN selection; the assignment
+Cost per layer: clustering O(N^2 C) for the distances plus O(N^2 t) for the nearest-neighbour
+selection (t = max(k, DELTA_NEIGHBOURS) when chunked, else k). Unchunked, delta reads the full
+matrix. Chunked, the official second pass over all N^2 distances for delta is replaced, with the
+same result, by the neighbour lists of the density pass: a row with a denser token among its t
+nearest real tokens takes its delta from there (the nearest denser token must be in the list),
+and only the other rows (local density peaks: a few percent of the tokens, 0.2-6 % at
+N = 1024-4096 in our checks) have their distance rows recomputed, O(N_peaks N C). The assignment
 O(N max_s M_s C) (one pass: top_k is sorted, so the centres of a smaller scale are a prefix of the
-largest scale's); the merge O(N sum_s M_s C) (a 0/1 membership matmul; the official code uses
-index_add); attention O(N sum_s M_s H d). Memory: unchunked, the [B, N, N] distance matrix (about
-39 MB per sample at N = 3136 in float32) and a few arrays of that size (XLA's temporary buffers
-for B = 2, N = 3136, C = 64 on CPU: 302 MB); with ``distance_chunk_size`` = q, O(B N q) for the
-distance rows and O(B q max_s M_s) for the assignment (same setting, q = 256: 16 MB); in both cases
-plus the membership O(B N sum_s M_s) and the attention weights O(B H N sum_s M_s). Chunked and
-unchunked runs give the same clusters: every statistic is per row (the global maximum distance is
-the maximum of the per-row maxima). The clustering and the merge are jitted functions of their
-own (static settings), so they compile once even when the module runs eagerly.
+largest scale's); the merge O(N C) per scale (segment reductions, as the official index_add);
+attention O(N sum_s M_s H d). Memory: unchunked, the [B, N, N] distance matrix (about 39 MB per
+sample at N = 3136 in float32) and a few arrays of that size (XLA's temporary buffers for B = 2,
+N = 3136, C = 64 on CPU: 302 MB); with ``distance_chunk_size`` = q, O(B N q) for the distance
+rows and O(B q max_s M_s) for the assignment (same setting, q = 256: 16 MB). In both cases add
+the attention weights O(B H N sum_s M_s), the attention itself; no other array grows as
+N sum_s M_s. Chunked and unchunked runs give the same clusters: every statistic is per row (the
+global maximum distance is the maximum of the per-row maxima). The clustering and the merge are
+jitted functions of their own (static settings), so they compile once even when the module runs
+eagerly.
 
 Where we differ from the official code:
   * Padding (the official ``Attention`` has none). A padded token is never a centre and never a
@@ -95,6 +101,14 @@ _NAME = "ClusTRAttention"
 
 #: Amplitude of the official tie-breaking density noise, 1e-6 * U(0, 1).
 DENSITY_NOISE_SCALE = 1e-6
+
+#: Nearest real tokens kept per row by the chunked density pass: a row with a denser token among
+#: them gets delta from that list; only the others (local density peaks, a few percent of the
+#: tokens) have their distance row recomputed for delta.
+DELTA_NEIGHBOURS = 16
+
+#: Rows per step of that recomputation (at most the chunk size).
+DELTA_STEP_ROWS = 64
 
 
 class Clustering(NamedTuple):
@@ -154,22 +168,64 @@ def _pairwise(a: jax.Array, a_sq: jax.Array, b: jax.Array, b_sq: jax.Array) -> j
   return jnp.sqrt(jnp.maximum(d2, 0.0)) / math.sqrt(a.shape[-1])
 
 
-def _density_rows(d, row_mask, col_mask, k):
-  """rho = exp(-mean of the k smallest squared distances to real tokens); row max of D."""
+def _density_rows(d, row_mask, col_mask, k, t):
+  """rho = exp(-mean of the k smallest squared distances to real tokens); row max of D; and the
+  t >= k nearest real tokens of each row (distances [B, q, t], inf past the real tokens, and
+  indices [B, q, t]), nearest first, for ``_nearest_denser``."""
   d_real = jnp.where(col_mask[:, None, :], d, jnp.inf)
-  nearest = -lax.top_k(-d_real, k)[0]                                      # [B, q, k]
+  # The barrier keeps XLA (CPU) from rewriting top_k and the slice below into a full sort.
+  neg_near, near_idx = lax.optimization_barrier(lax.top_k(-d_real, t))     # [B, q, t]
+  nearest = -neg_near[..., :k]              # top_k is sorted: the k nearest are the prefix
   found = jnp.isfinite(nearest)
   sumsq = jnp.sum(jnp.where(found, nearest * nearest, 0.0), axis=-1)
   count = jnp.maximum(jnp.sum(found, axis=-1), 1).astype(d.dtype)
   rho = jnp.where(row_mask, jnp.exp(-sumsq / count), 0.0)
   row_max = jnp.max(jnp.where(col_mask[:, None, :], d, 0.0), axis=-1)
-  return rho, jnp.where(row_mask, row_max, 0.0)
+  return rho, jnp.where(row_mask, row_max, 0.0), -neg_near, near_idx.astype(jnp.int32)
 
 
 def _delta_rows(d, rho_rows, rho, col_mask, dist_max):
   """delta_i = min D_ij over real j with rho_j > rho_i; dist_max where there is none."""
   denser = col_mask[:, None, :] & (rho[:, None, :] > rho_rows[:, :, None])
   return jnp.min(jnp.where(denser, d, dist_max[:, None, None]), axis=-1)
+
+
+def _nearest_denser(near_d, near_idx, rho, col_mask, dist_max):
+  """delta from each row's t nearest real tokens, where that list decides it.
+
+  If any of the t nearest real tokens of row i is denser, the nearest denser token is among
+  them (every token outside the list is at least as far as the list's last entry), so
+  delta_i = min(D to the denser ones in the list, dist_max) equals ``_delta_rows`` exactly.
+  Returns (delta [B, N], resolved bool [B, N]); unresolved rows (local density peaks) need
+  ``_delta_rows`` over all tokens.
+  """
+  take = jax.vmap(lambda a, i: a[i])                                        # per sample
+  denser = take(col_mask, near_idx) & (take(rho, near_idx) > rho[:, :, None])
+  delta = jnp.min(jnp.where(denser, near_d, dist_max[:, None, None]), axis=-1)
+  return delta, jnp.any(denser, axis=-1)
+
+
+def _delta_of_unresolved(x, sq, rho, mask, dist_max, delta, resolved, chunk):
+  """``_delta_rows`` for the unresolved rows only, ``chunk`` of them per step ([B, chunk, N]
+  distances); the number of steps is ceil(max unresolved rows per sample / chunk), a while
+  loop. Returns delta [B, N] with the unresolved rows replaced."""
+  batch, length = rho.shape
+  steps = -(-length // chunk)
+  order = jnp.argsort(resolved, axis=-1, stable=True).astype(jnp.int32)    # unresolved first
+  order = jnp.pad(order, ((0, 0), (0, steps * chunk - length)))
+  count = jnp.sum(~resolved, axis=-1)                                       # [B]
+  take = jax.vmap(lambda a, i: a[i])
+  samples = jnp.arange(batch)[:, None]
+
+  def body(step, delta):
+    rows = lax.dynamic_slice_in_dim(order, step * chunk, chunk, axis=1)    # [B, chunk]
+    d = _pairwise(take(x, rows), take(sq, rows), x, sq)                    # [B, chunk, N]
+    new = _delta_rows(d, take(rho, rows), rho, mask, dist_max)
+    live = step * chunk + jnp.arange(chunk)[None, :] < count[:, None]
+    # Dead slots (past the unresolved rows) write back the value they read.
+    return delta.at[samples, rows].set(jnp.where(live, new, take(delta, rows)))
+
+  return lax.fori_loop(0, -(-jnp.max(count) // chunk), body, delta)
 
 
 def _split_rows(a: jax.Array, chunk: int) -> jax.Array:
@@ -245,38 +301,38 @@ def _dpc_knn_cluster(x, mask, noise_rng, *, num_clusters, knn_k, chunk) -> Clust
   x = jnp.where(mask[..., None], lax.stop_gradient(x).astype(jnp.float32), 0.0)
   sq = jnp.sum(x * x, axis=-1)                                              # [B, N]
 
-  # Local density rho and the per-sample maximum distance.
+  # Local density rho, the per-sample maximum distance and each row's nearest real tokens.
+  near = knn_k if chunk >= length else min(max(knn_k, DELTA_NEIGHBOURS), length)
   if chunk >= length:
     d_full = _pairwise(x, sq, x, sq)                                        # [B, N, N]
-    density_fn = lambda r: _density_rows(d_full, mask, mask, knn_k)       # noqa: E731
+    density_fn = lambda r: _density_rows(d_full, mask, mask, knn_k, near)  # noqa: E731
   else:
     density_fn = lambda r: _density_rows(                                  # noqa: E731
-        _pairwise(r[0], r[1], x, sq), r[2], mask, knn_k)
-  rho, row_max = _over_rows(density_fn, (x, sq, mask), chunk, length)
+        _pairwise(r[0], r[1], x, sq), r[2], mask, knn_k, near)
+  rho, row_max, near_d, near_idx = _over_rows(density_fn, (x, sq, mask), chunk, length)
   if noise_rng is not None:
     rho = jnp.where(mask, rho + _position_noise(noise_rng, batch, length), 0.0)
   dist_max = jnp.max(row_max, axis=-1)                                      # [B]
 
-  # Distance to the nearest denser token.
+  # Distance to the nearest denser token: from the full matrix when it is there; otherwise from
+  # the nearest-neighbour lists, recomputing distance rows only for the unresolved rows.
   if chunk >= length:
-    delta_fn = lambda r: _delta_rows(d_full, rho, rho, mask, dist_max)    # noqa: E731
+    delta = _delta_rows(d_full, rho, rho, mask, dist_max)
   else:
-    delta_fn = lambda r: _delta_rows(                                      # noqa: E731
-        _pairwise(r[0], r[1], x, sq), r[2], rho, mask, dist_max)
-  delta = _over_rows(delta_fn, (x, sq, rho), chunk, length)
+    delta, resolved = _nearest_denser(near_d, near_idx, rho, mask, dist_max)
+    delta = _delta_of_unresolved(x, sq, rho, mask, dist_max, delta, resolved,
+                                 min(chunk, DELTA_STEP_ROWS))
 
   # Centres: top-M_s of gamma among real tokens. top_k is sorted, so every scale's centres are a
   # prefix of the largest scale's, and one pass of centre distances serves all scales.
   max_m = max(num_clusters)
   gamma = jnp.where(mask, rho * delta, -jnp.inf)
   top = lax.top_k(gamma, max_m)[1].astype(jnp.int32)                      # [B, M_max]
-  # Gathers and the scatter below as one-hot products (exact; dense ops for GPUs and TPUs).
-  is_centre = top[:, :, None] == jnp.arange(length)[None, None, :]        # [B, M_max, N]
-  valid = jnp.any(is_centre & mask[:, None, :], axis=-1)                   # [B, M_max]
-  one_hot = is_centre.astype(jnp.float32)
-  hi = lax.Precision.HIGHEST
-  centre_x = jnp.einsum("bkn,bnc->bkc", one_hot, x, precision=hi)         # [B, M_max, C]
-  centre_sq = jnp.einsum("bkn,bn->bk", one_hot, sq, precision=hi)
+  # Gathers and, below, a scatter over the M_max centre indices (exact; O(B M_max C) memory).
+  take = jax.vmap(lambda a, i: a[i])                                        # per sample
+  valid = take(mask, top)                                                   # [B, M_max]
+  centre_x = take(x, top)                                                   # [B, M_max, C]
+  centre_sq = take(sq, top)
 
   # Assignment to the nearest valid centre of each scale, row block by row block.
   def assign_fn(r):
@@ -286,8 +342,9 @@ def _dpc_knn_cluster(x, mask, noise_rng, *, num_clusters, knn_k, chunk) -> Clust
   assigned = _over_rows(assign_fn, (x, sq), chunk, length)
 
   # Each centre into its own cluster: rank[i] = k if token i is the k-th centre, else M_max.
-  ranks = jnp.arange(max_m, dtype=jnp.int32)[None, :, None]
-  rank = jnp.min(jnp.where(is_centre & valid[..., None], ranks, max_m), axis=1)  # [B, N]
+  ranks = jnp.where(valid, jnp.arange(max_m, dtype=jnp.int32)[None, :], max_m)
+  rank = jax.vmap(lambda r, i: jnp.full((length,), max_m, jnp.int32).at[i].min(r))(
+      ranks, top)                                                           # [B, N]
   labels, centres_out = [], []
   for a, m in zip(assigned, num_clusters):
     labels.append(jnp.where(mask, jnp.where(rank < m, rank, a), -1))
@@ -305,7 +362,7 @@ def merge_tokens(x: jax.Array, score: jax.Array, labels: jax.Array, num_clusters
 
   Differentiable in ``x`` and ``score`` (official ``merge_tokens``, which uses index_add).
   Computed in float32 with a per-cluster max shift (exact in real arithmetic, see the module
-  docstring), all scales in one matmul.
+  docstring), with segment reductions (scatters) over the tokens.
 
   Args:
     x: [B, N, C] tokens.
@@ -325,27 +382,30 @@ def merge_tokens(x: jax.Array, score: jax.Array, labels: jax.Array, num_clusters
 def _merge_tokens(x, score, labels, *, num_clusters, eps):
   """``merge_tokens`` with static settings.
 
-  All scales at once through a 0/1 membership matrix P [B, sum_s M_s, N] (scale s owns rows
-  offset_s .. offset_s + M_s - 1): dense matmuls instead of scatters, which suits GPUs and TPUs;
-  its size is below that of the distance matrix for every ClusTR stage (sum_s M_s <= 1.25 N).
+  Per scale, segment reductions over the token axis (the official index_add): a segment max of
+  the scores for the shift, then segment sums of w_i x_i and w_i; tokens without a cluster go to
+  an extra segment that is dropped. Memory O(B N C) per scale, no [sum_s M_s, N] membership.
   """
-  offsets = [sum(num_clusters[:s]) for s in range(len(num_clusters))]
-  total = sum(num_clusters)
-  cluster_id = labels + jnp.asarray(offsets, jnp.int32)[None, :, None]     # [B, S, N]
-  cluster_id = jnp.where(labels >= 0, cluster_id, -1)
-  member = jnp.any(cluster_id[:, :, None, :] == jnp.arange(total)[None, None, :, None],
-                   axis=1)                                                  # [B, K, N]
-  score = score.astype(jnp.float32)[:, None, :]                             # [B, 1, N]
-  top = jnp.max(jnp.where(member, lax.stop_gradient(score), -jnp.inf), axis=-1)  # [B, K]
-  nonempty = jnp.isfinite(top)
-  top = jnp.where(nonempty, top, 0.0)
-  w = jnp.where(member, jnp.exp(jnp.where(member, score - top[..., None], 0.0)), 0.0)
   x = jnp.where(jnp.any(labels >= 0, axis=1)[..., None], x.astype(jnp.float32), 0.0)  # no 0*inf
-  num = jnp.einsum("bkn,bnc->bkc", w, x, precision=lax.Precision.HIGHEST)
+  score = score.astype(jnp.float32)                                         # [B, N]
   log_eps = math.log(eps) if eps > 0 else -jnp.inf
-  den = jnp.sum(w, axis=-1) + jnp.exp(log_eps - top)                       # + eps e^{-m_k}
-  out = jnp.where(nonempty[..., None], num / jnp.where(nonempty, den, 1.0)[..., None], 0.0)
-  return tuple(out[:, o:o + m] for o, m in zip(offsets, num_clusters))
+  out = []
+  for s, m in enumerate(num_clusters):
+    ids = jnp.where(labels[:, s] >= 0, labels[:, s], m)                    # [B, N], m = none
+    seg_max = jax.vmap(lambda v, i, m=m: jax.ops.segment_max(v, i, num_segments=m + 1))
+    seg_sum = jax.vmap(lambda v, i, m=m: jax.ops.segment_sum(v, i, num_segments=m + 1))
+    top = seg_max(lax.stop_gradient(score), ids)                            # [B, m + 1]
+    nonempty = jnp.isfinite(top)                                            # empty: -inf
+    top = jnp.where(nonempty, top, 0.0)
+    member = ids < m
+    shift = jnp.take_along_axis(top, ids, axis=-1)                          # [B, N]
+    w = jnp.where(member, jnp.exp(jnp.where(member, score - shift, 0.0)), 0.0)
+    num = seg_sum(w[..., None] * x, ids)[:, :m]                             # [B, m, C]
+    den = seg_sum(w, ids)[:, :m] + jnp.exp(log_eps - top[:, :m])            # + eps e^{-m_k}
+    nonempty = nonempty[:, :m]
+    out.append(jnp.where(nonempty[..., None],
+                         num / jnp.where(nonempty, den, 1.0)[..., None], 0.0))
+  return tuple(out)
 
 
 class KeyValueProjection(nn.Module):

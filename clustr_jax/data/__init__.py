@@ -1,6 +1,10 @@
 """Datasets: released file formats, the generators that benchmarks publish, Grain pipelines.
 
 ``listops``  the LRA ListOps generator, tokenizer, evaluator and TSV reader.
+``text``     LRA Text: IMDb at byte level (aclImdb folders or TFDS ``imdb_reviews``).
+``retrieval`` LRA Retrieval: AAN document pairs at byte level (the release's TSVs), two inputs.
+``cifar``    LRA Image: grayscale CIFAR-10 as pixel tokens (binary release or TFDS ``cifar10``).
+``pathfinder`` the Pathfinder / Path-X generator and the LRA release-layout reader.
 ``pipeline`` deterministic, per-process sharded, checkpointable Grain train and eval iterators.
 ``imagenet`` ImageNet (TFDS ``imagenet2012`` or an ImageNet-layout folder) with DeiT's
            preprocessing; ``augment`` its timm-semantics augmentations (numpy and Pillow).
@@ -27,6 +31,10 @@ from clustr_jax.data import pipeline
 # config.dataset.name -> module defining load_dataset(config, workdir). Imported lazily.
 _REGISTRY: dict[str, str] = {
     "listops": "clustr_jax.data.listops",
+    "imdb": "clustr_jax.data.text",
+    "aan": "clustr_jax.data.retrieval",
+    "cifar10": "clustr_jax.data.cifar",
+    "pathfinder": "clustr_jax.data.pathfinder",
     "imagenet": "clustr_jax.data.imagenet",
 }
 
@@ -117,6 +125,14 @@ class ArrayDataset:
       raise KeyError(f"split {split!r} unknown; valid: {', '.join(self.eval_splits)}")
     return pipeline.eval_batches(self.splits[split], batch_size=batch_size,
                                  shard_index=shard_index, shard_count=shard_count)
+
+
+def describe_differences(stored: Mapping[str, Any], requested: Mapping[str, Any]) -> str:
+  """``'key: stored X vs requested Y, ...'`` for the keys whose values differ (sorted), for the
+  error a generator raises when its output directory holds data made with other parameters."""
+  return ", ".join(f"{k}: stored {stored.get(k)!r} vs requested {requested.get(k)!r}"
+                   for k in sorted(set(stored) | set(requested))
+                   if stored.get(k) != requested.get(k))
 
 
 def names() -> tuple[str, ...]:

@@ -365,8 +365,7 @@ def ensure_generated(out_dir: str | os.PathLike, task: str = "basic",
       return paths
     stored = json.loads(params_path.read_text(encoding="utf-8"))
     if stored != params:
-      diff = ", ".join(f"{k}: stored {stored.get(k)!r} vs requested {params.get(k)!r}"
-                       for k in sorted(set(stored) | set(params)) if stored.get(k) != params.get(k))
+      diff = data_lib.describe_differences(stored, params)
       raise ValueError(f"{out_dir} holds ListOps '{task}' files generated with other parameters "
                        f"({diff}); delete them or use another directory")
     return paths

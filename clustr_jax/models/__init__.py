@@ -1,6 +1,7 @@
 """Models by name: ``get(name, **kwargs)`` builds any registered model.
 
   lra_encoder          LRA Transformer encoder classifier (``lra.LRAEncoder``)
+  lra_dual_encoder     LRA Retrieval two-document classifier (``lra.LRADualEncoder``)
   deit_ti, deit_s,     ViT/DeiT Ti/S/B, patch 16, 224^2 (``vit.VisionTransformer``); any attention
   deit_b               from the registry via ``attention`` / ``attention_kwargs``
   sparsifiner_deit_s   DeiT-S with Sparsifiner attention in every block (official
@@ -22,6 +23,7 @@ from clustr_jax.models import clustr_vit, lra, vit
 # name -> (class, constructor defaults); keywords given to ``get`` override the defaults.
 _REGISTRY: dict[str, tuple[type[nn.Module], dict[str, Any]]] = {
     "lra_encoder": (lra.LRAEncoder, {}),
+    "lra_dual_encoder": (lra.LRADualEncoder, {}),
     "deit_ti": (vit.VisionTransformer, vit.deit("ti")),
     "deit_s": (vit.VisionTransformer, vit.deit("s")),
     "deit_b": (vit.VisionTransformer, vit.deit("b")),

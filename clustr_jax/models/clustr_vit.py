@@ -42,7 +42,6 @@ deterministic (the official model also draws it in eval mode).
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
@@ -52,73 +51,6 @@ import jax.numpy as jnp
 from clustr_jax.models import vit
 
 Dtype = Any
-
-
-def conv_init(kernel: int, out_channels: int, groups: int = 1) -> nn.initializers.Initializer:
-  """Official Conv2d init: normal(0, sqrt(2 / fan_out)), fan_out = k k out_channels / groups."""
-  return nn.initializers.normal(stddev=math.sqrt(2.0 / (kernel * kernel * out_channels // groups)))
-
-
-class ClusTRMlp(nn.Module):
-  """fc1 -> h + DWConv(h) -> exact GELU -> Dropout -> fc2 -> Dropout (official ``Mlp``).
-
-  Call: x [B, N, C], ``size`` (H, W) with N = H W (row-major tokens) -> [B, N, C] in ``dtype``.
-  Parameters: fc1 {kernel [C, rC], bias}, dwconv {kernel [3, 3, 1, rC] (official
-  mlp.dwconv.dwconv.weight (rC, 1, 3, 3) transposed), bias [rC]}, fc2 {kernel [rC, C], bias}.
-  """
-  hidden: int
-  dropout_rate: float = 0.0
-  dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: jax.Array, size: tuple[int, int], *, deterministic: bool) -> jax.Array:
-    batch, length, features = x.shape
-    h = vit.dense(self.hidden, ("embed", "mlp"), self.dtype, "fc1")(x)
-    h = nn.with_logical_constraint(h, ("batch", "length", "activation_mlp"))
-    grid = h.reshape(batch, size[0], size[1], self.hidden)
-    dw = nn.Conv(
-        self.hidden, (3, 3), padding=((1, 1), (1, 1)), feature_group_count=self.hidden,
-        dtype=self.dtype, name="dwconv",
-        kernel_init=nn.with_logical_partitioning(conv_init(3, self.hidden, self.hidden),
-                                                 (None, None, None, "mlp")),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("mlp",)))(grid)
-    h = vit.gelu(h + dw.reshape(batch, length, self.hidden))
-    h = nn.Dropout(self.dropout_rate)(h, deterministic=deterministic)
-    h = vit.dense(features, ("mlp", "embed"), self.dtype, "fc2")(h)
-    return nn.Dropout(self.dropout_rate)(h, deterministic=deterministic)
-
-
-class ClusTRBlock(nn.Module):
-  """Pre-LN block x += DropPath(Attn(LN1(x))); x += DropPath(ClusTRMlp(LN2(x))) (official
-  ``Block``). ``attention`` / ``attention_kwargs`` give the mechanism (already resolved per stage).
-
-  Call: x [B, N, C], size (H, W) -> [B, N, C] in ``dtype``.
-  """
-  num_heads: int
-  mlp_ratio: float
-  qkv_bias: bool
-  drop_rate: float
-  attn_drop_rate: float
-  drop_path_rate: float
-  attention: str
-  attention_kwargs: Mapping[str, Any]
-  dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: jax.Array, size: tuple[int, int], *, deterministic: bool) -> jax.Array:
-    features = x.shape[-1]
-    attn = vit.build_attention(self.attention, self.attention_kwargs, num_heads=self.num_heads,
-                               features=features, qkv_bias=self.qkv_bias,
-                               dropout_rate=self.attn_drop_rate, dtype=self.dtype)
-    drop_path = vit.DropPath(self.drop_path_rate)
-    y = attn(vit.layer_norm(1e-6, self.dtype, "norm1")(x), deterministic=deterministic)
-    y = nn.Dropout(self.drop_rate)(y, deterministic=deterministic)        # official proj_drop
-    x = x + drop_path(y, deterministic=deterministic)
-    x = nn.with_logical_constraint(x, ("batch", "length", "activation_embed"))
-    y = ClusTRMlp(int(features * self.mlp_ratio), self.drop_rate, self.dtype, name="mlp")(
-        vit.layer_norm(1e-6, self.dtype, "norm2")(x), size, deterministic=deterministic)
-    x = x + drop_path(y, deterministic=deterministic)
-    return nn.with_logical_constraint(x, ("batch", "length", "activation_embed"))
 
 
 class ClusTR(nn.Module):
@@ -198,13 +130,13 @@ class ClusTR(nn.Module):
       dim = self.embed_dims[i]
       kernel, stride = (7, 4) if i == 0 else (3, 2)
       tokens, size = vit.PatchEmbed(dim, kernel, stride, kernel // 2, 1e-5, self.dtype,
-                                    conv_init(kernel, dim), name=f"patch_embed{i + 1}")(x)
+                                    vit.conv_init(kernel, dim), name=f"patch_embed{i + 1}")(x)
       name, options = self._stage_attention(self.sr_ratios[i], train)
       for j in range(self.depths[i]):
-        tokens = ClusTRBlock(self.num_heads[i], self.mlp_ratios[i], self.qkv_bias,
-                             self.drop_rate, self.attn_drop_rate, rates[cur + j], name, options,
-                             self.dtype, name=f"block{i + 1}_{j}")(
-                                 tokens, size, deterministic=deterministic)
+        tokens = vit.Block(self.num_heads[i], self.mlp_ratios[i], self.qkv_bias,
+                           self.drop_rate, self.attn_drop_rate, rates[cur + j], name, options,
+                           dwconv=True, dtype=self.dtype, name=f"block{i + 1}_{j}")(
+                               tokens, size, deterministic=deterministic)
       cur += self.depths[i]
       tokens = vit.layer_norm(1e-6, self.dtype, f"norm{i + 1}")(tokens)
       x = tokens.reshape(tokens.shape[0], size[0], size[1], dim)

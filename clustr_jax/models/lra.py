@@ -6,6 +6,11 @@
   num_layers x pre-LN block:  x += Dropout(Attn(LN(x), mask));  x += MLP(LN(x))
   final LayerNorm, pooling (CLS token or masked MEAN), head Dense(mlp_dim) -> ReLU -> Dense(classes)
 
+The retrieval dual encoder (``LRADualEncoder``) runs the one shared encoder on both documents and
+classifies [pooled_1, pooled_2] with Dense(mlp_dim) -> ReLU -> Dense(mlp_dim // 2) -> ReLU ->
+Dense(classes) (LRA ``TransformerDualEncoder`` with its default ``interaction=None``; 'NLI' uses
+[e1, e2, e1 * e2, e1 - e2]).
+
 Source: LRA ``lra_benchmarks/models/transformer/transformer.py`` and
 ``models/layers/common_layers.py`` (google-research/long-range-arena @ cd31e5c6), as summarised in
 ``../shared/reference/lra.md`` §7: LayerNorm eps 1e-6, attention without biases, xavier-uniform
@@ -14,6 +19,9 @@ kernels, MLP biases normal(1e-6), tanh-approximate GELU (``jax.nn.gelu``'s defau
   * MEAN pooling averages real tokens only (LRA averages over padding too); CLS pooling is the same.
   * The CLS token is always a real token unless ``cls_mask_from_first_token`` (LRA's quirk: the
     CLS token takes the first input token's mask) is set.
+  * Token id 0 is padding (masked out of attention and MEAN pooling) unless ``zero_is_padding``
+    is False. LRA masks id 0 for images too, so its black pixels are never attended (its quirk,
+    on in the faithful Image / Pathfinder configs); False attends every token.
 Every parameter and activation carries logical axis names (see ``clustr_jax/sharding.py``).
 """
 
@@ -120,6 +128,7 @@ class TransformerEncoder(nn.Module):
   attention: str = "dense"
   attention_kwargs: Mapping[str, Any] | None = None
   cls_mask_from_first_token: bool = False
+  zero_is_padding: bool = True
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -130,7 +139,7 @@ class TransformerEncoder(nn.Module):
     if self.pooling not in ("CLS", "MEAN"):
       raise ValueError(f"TransformerEncoder: pooling must be 'CLS' or 'MEAN'; got {self.pooling!r}")
     attention_cls = attention_lib.get(self.attention)
-    mask = inputs > 0
+    mask = inputs > 0 if self.zero_is_padding else jnp.ones(inputs.shape, bool)
     x = nn.Embed(self.vocab_size, self.emb_dim, name="embedding",
                  embedding_init=nn.with_logical_partitioning(
                      nn.initializers.normal(stddev=1.0), ("vocab", "embed")))(inputs)
@@ -187,6 +196,7 @@ class LRAEncoder(TransformerEncoder):
     learned_position_embedding: learned normal(0.02) table instead of fixed sinusoids.
     attention: registry name of the attention mechanism; attention_kwargs: its own options.
     cls_mask_from_first_token: LRA's quirk (the CLS token takes token 0's padding mask).
+    zero_is_padding: token id 0 is padding (LRA, also for image pixels); False: no padding.
     dtype: computation dtype (parameters stay float32).
 
   Call: inputs int32 [batch, max_length] (0 = padding), ``train`` bool -> logits float32
@@ -197,17 +207,55 @@ class LRAEncoder(TransformerEncoder):
 
   @nn.compact
   def __call__(self, inputs: jax.Array, *, train: bool = False) -> jax.Array:
-    fields = {f: getattr(self, f) for f in TransformerEncoder.__dataclass_fields__
-              if f not in ("parent", "name")}
-    x, mask = TransformerEncoder(**fields, name="encoder")(inputs, train=train)
+    x, mask = TransformerEncoder(**_encoder_fields(self), name="encoder")(inputs, train=train)
     x = pool(x, mask, self.pooling)
-    x = nn.Dense(self.mlp_dim, name="head_hidden",
-                 kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(),
-                                                          ("embed", "mlp")),
-                 bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("mlp",)))(x)
-    x = nn.relu(x)
-    return nn.Dense(self.num_classes, name="head",
-                    kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(),
-                                                             ("mlp", "classes")),
-                    bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(),
-                                                           ("classes",)))(x)
+    x = nn.relu(_head_dense(self.mlp_dim, ("embed", "mlp"), "head_hidden")(x))
+    return _head_dense(self.num_classes, ("mlp", "classes"), "head")(x)
+
+
+def _head_dense(features: int, axes: tuple[str | None, str], name: str) -> nn.Dense:
+  """A classifier-head Dense with Flax's default init (lecun-normal, zero bias), as LRA's heads."""
+  return nn.Dense(features, name=name,
+                  kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), axes),
+                  bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(),
+                                                         axes[-1:]))
+
+
+def _encoder_fields(module: nn.Module) -> dict[str, Any]:
+  """The ``TransformerEncoder`` fields of ``module`` (a subclass instance)."""
+  return {f: getattr(module, f) for f in TransformerEncoder.__dataclass_fields__
+          if f not in ("parent", "name")}
+
+
+class LRADualEncoder(TransformerEncoder):
+  """LRA Retrieval dual encoder: one shared ``TransformerEncoder`` on both documents.
+
+  Source: LRA ``models/transformer/transformer.py`` ``TransformerDualEncoder`` and
+  ``models/layers/common_layers.py`` ``classifier_head_dual`` (lra.md §7.7): encode each
+  document, pool it (``pooling``), then [e1, e2] (or 'NLI': [e1, e2, e1 * e2, e1 - e2]) ->
+  Dense(mlp_dim) -> ReLU -> Dense(mlp_dim // 2) -> ReLU -> Dense(num_classes).
+
+  Attributes: those of ``LRAEncoder`` (``num_classes`` keyword-only) and ``interaction``: None
+  (LRA's default) or 'NLI'.
+
+  Call: inputs1, inputs2 int32 [batch, max_length] (0 = padding), ``train`` bool -> logits
+  float32 [batch, num_classes]. Raises ValueError for inputs of the wrong rank or length, an
+  unknown pooling, interaction or attention name.
+  """
+  num_classes: int = dataclasses.field(kw_only=True)
+  interaction: str | None = dataclasses.field(default=None, kw_only=True)
+
+  @nn.compact
+  def __call__(self, inputs1: jax.Array, inputs2: jax.Array, *,
+               train: bool = False) -> jax.Array:
+    if self.interaction not in (None, "NLI"):
+      raise ValueError(f"LRADualEncoder: interaction must be None or 'NLI'; got "
+                       f"{self.interaction!r}")
+    encoder = TransformerEncoder(**_encoder_fields(self), name="encoder")
+    e1 = pool(*encoder(inputs1, train=train), self.pooling)
+    e2 = pool(*encoder(inputs2, train=train), self.pooling)
+    parts = [e1, e2] if self.interaction is None else [e1, e2, e1 * e2, e1 - e2]
+    x = jnp.concatenate(parts, axis=-1)
+    x = nn.relu(_head_dense(self.mlp_dim, (None, "mlp"), "head_hidden")(x))
+    x = nn.relu(_head_dense(self.mlp_dim // 2, ("mlp", None), "head_hidden2")(x))
+    return _head_dense(self.num_classes, (None, "classes"), "head")(x)

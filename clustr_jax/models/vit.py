@@ -34,6 +34,7 @@ the token-distillation MSE).
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Callable, Mapping, Sequence
 
 import flax.linen as nn
@@ -165,29 +166,54 @@ class PatchEmbed(nn.Module):
     return nn.with_logical_constraint(x, ("batch", "length", "activation_embed")), (height, width)
 
 
-class Mlp(nn.Module):
-  """fc1 (D -> hidden) -> exact GELU -> Dropout -> fc2 (hidden -> D) -> Dropout (timm ``Mlp``).
+def conv_init(kernel: int, out_channels: int, groups: int = 1) -> nn.initializers.Initializer:
+  """ClusTR's Conv2d init: normal(0, sqrt(2 / fan_out)), fan_out = k k out_channels / groups."""
+  return nn.initializers.normal(stddev=math.sqrt(2.0 / (kernel * kernel * out_channels // groups)))
 
-  Call: x [B, N, D] -> [B, N, D] in ``dtype``.
+
+class Mlp(nn.Module):
+  """fc1 (D -> hidden) -> [h + DWConv(h)] -> exact GELU -> Dropout -> fc2 -> Dropout.
+
+  Without ``dwconv`` it is timm's ``Mlp``; with it, ClusTR's ``Mlp``: a depthwise 3x3 conv
+  (stride 1, pad 1, groups = hidden, with bias) on the token grid, inside a residual before the
+  activation (PVTv2 has GELU(DWConv(fc1(x))) instead).
+
+  Call: x [B, N, D], ``size`` (H, W) with N = H W (row-major tokens; needed with dwconv) ->
+  [B, N, D] in ``dtype``. Parameters: fc1 {kernel [D, hidden], bias}, dwconv {kernel
+  [3, 3, 1, hidden] (official mlp.dwconv.dwconv.weight (hidden, 1, 3, 3) transposed), bias},
+  fc2 {kernel [hidden, D], bias}.
   """
   hidden: int
   dropout_rate: float = 0.0
+  dwconv: bool = False
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, *, deterministic: bool) -> jax.Array:
-    features = x.shape[-1]
+  def __call__(self, x: jax.Array, size: tuple[int, int] | None = None, *,
+               deterministic: bool) -> jax.Array:
+    batch, length, features = x.shape
     h = dense(self.hidden, ("embed", "mlp"), self.dtype, "fc1")(x)
     h = nn.with_logical_constraint(h, ("batch", "length", "activation_mlp"))
+    if self.dwconv:
+      grid = h.reshape(batch, size[0], size[1], self.hidden)
+      dw = nn.Conv(
+          self.hidden, (3, 3), padding=((1, 1), (1, 1)), feature_group_count=self.hidden,
+          dtype=self.dtype, name="dwconv",
+          kernel_init=nn.with_logical_partitioning(conv_init(3, self.hidden, self.hidden),
+                                                   (None, None, None, "mlp")),
+          bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("mlp",)))(grid)
+      h = h + dw.reshape(batch, length, self.hidden)
     h = nn.Dropout(self.dropout_rate)(gelu(h), deterministic=deterministic)
     h = dense(features, ("mlp", "embed"), self.dtype, "fc2")(h)
     return nn.Dropout(self.dropout_rate)(h, deterministic=deterministic)
 
 
 class Block(nn.Module):
-  """Pre-LN ViT block: x += DropPath(Attn(LN1(x))); x += DropPath(Mlp(LN2(x))); LN eps 1e-6.
+  """Pre-LN block: x += DropPath(Attn(LN1(x))); x += DropPath(Mlp(LN2(x))); LN eps 1e-6
+  (timm / Sparsifiner ``Block``; with ``dwconv`` the ClusTR ``Block`` and its conv Mlp).
 
-  Call: x [B, N, D] -> [B, N, D] in ``dtype``.
+  Call: x [B, N, D], ``size`` (H, W) of the token grid (needed with dwconv) -> [B, N, D] in
+  ``dtype``.
   """
   num_heads: int
   mlp_ratio: float
@@ -197,21 +223,23 @@ class Block(nn.Module):
   drop_path_rate: float
   attention: str
   attention_kwargs: Mapping[str, Any]
+  dwconv: bool = False
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, *, deterministic: bool) -> jax.Array:
+  def __call__(self, x: jax.Array, size: tuple[int, int] | None = None, *,
+               deterministic: bool) -> jax.Array:
     features = x.shape[-1]
     attn = build_attention(self.attention, self.attention_kwargs, num_heads=self.num_heads,
                            features=features, qkv_bias=self.qkv_bias,
                            dropout_rate=self.attn_drop_rate, dtype=self.dtype)
     drop_path = DropPath(self.drop_path_rate)
     y = attn(layer_norm(1e-6, self.dtype, "norm1")(x), deterministic=deterministic)
-    y = nn.Dropout(self.drop_rate)(y, deterministic=deterministic)        # timm proj_drop
+    y = nn.Dropout(self.drop_rate)(y, deterministic=deterministic)        # official proj_drop
     x = x + drop_path(y, deterministic=deterministic)
     x = nn.with_logical_constraint(x, ("batch", "length", "activation_embed"))
-    y = Mlp(int(features * self.mlp_ratio), self.drop_rate, self.dtype, name="mlp")(
-        layer_norm(1e-6, self.dtype, "norm2")(x), deterministic=deterministic)
+    y = Mlp(int(features * self.mlp_ratio), self.drop_rate, self.dwconv, self.dtype, name="mlp")(
+        layer_norm(1e-6, self.dtype, "norm2")(x), size, deterministic=deterministic)
     x = x + drop_path(y, deterministic=deterministic)
     return nn.with_logical_constraint(x, ("batch", "length", "activation_embed"))
 
@@ -253,7 +281,8 @@ class VisionTransformer(nn.Module):
   Raises:
     ValueError: images not [B, img_size, img_size, 3] floats, img_size not divisible by
       patch_size, embed_dim not divisible by num_heads, layer_attention_kwargs of the wrong
-      length, or an attention error (see ``build_attention``).
+      length, a token_keep_rate < 1 (token pruning is not implemented), or an attention error
+      (see ``build_attention``).
   """
   num_classes: int = dataclasses.field(kw_only=True)
   img_size: int = 224
@@ -282,6 +311,11 @@ class VisionTransformer(nn.Module):
     if self.layer_attention_kwargs is not None and len(self.layer_attention_kwargs) != self.depth:
       raise ValueError(f"{name}: layer_attention_kwargs has {len(self.layer_attention_kwargs)} "
                        f"entries; need depth={self.depth}")
+    for options in [self.attention_kwargs or {}, *(self.layer_attention_kwargs or [])]:
+      if options.get("token_keep_rate", 1.0) < 1.0:
+        raise ValueError(f"{name}: token_keep_rate={options['token_keep_rate']} (Sparsifiner "
+                         "token pruning) is not implemented by these blocks, which would not "
+                         "zero the pruned tokens; the released Sparsifiner config has none")
 
   @nn.compact
   def __call__(self, images: jax.Array, *, train: bool = False) -> jax.Array:
@@ -305,7 +339,7 @@ class VisionTransformer(nn.Module):
       if self.layer_attention_kwargs is not None:
         options.update(self.layer_attention_kwargs[i])
       x = Block(self.num_heads, self.mlp_ratio, self.qkv_bias, self.drop_rate,
-                self.attn_drop_rate, rate, self.attention, options, self.dtype,
+                self.attn_drop_rate, rate, self.attention, options, dtype=self.dtype,
                 name=f"blocks_{i}")(x, deterministic=deterministic)
     x = layer_norm(1e-6, self.dtype, "norm")(x)
     self.sow("intermediates", "features", x[:, 1:])

@@ -22,70 +22,27 @@ Args (comma-separated, e.g. ``:cpu,attention=cast``):
   python -m clustr_jax.main --config=configs/lra/listops.py:attention=cast --workdir=/tmp/cast
 """
 
-import ml_collections
-
 from clustr_jax import config_utils
-
-
-def attention_kwargs(name: str, length: int) -> dict:
-  """Settings of each mechanism that fit a sequence of ``length`` tokens (CLS included)."""
-  if name == "dense":
-    return {}
-  if name == "clustr":
-    # Two scales as in ClusTR (M, 4M); M ~ length / 16 gives 125 / 500 clusters at 2,001 tokens.
-    m = max(1, length // 16)
-    return {"num_clusters": (m, min(4 * m, length)), "distance_chunk_size": 512}
-  if name == "cast":
-    # Full coverage (num_clusters * cluster_size >= length) with num_clusters ~ sqrt(length).
-    num_clusters = max(1, int(round(length ** 0.5 / 8)) * 8)
-    cluster_size = min(length, -(-length // num_clusters))
-    return {"num_clusters": num_clusters, "cluster_size": cluster_size}
-  if name == "sparsifiner":
-    # n_down = length // reduce_n_factor ~ 32 keeps the predictor within LRA's +10% parameters.
-    return {"keep_rate": 0.25, "reduce_n_factor": max(1, length // 32)}
-  raise ValueError(f"attention={name!r} unknown; valid: dense, clustr, cast, sparsifiner")
+from clustr_jax import lra_configs
 
 
 def get_config(arg=None):
   arg = config_utils.parse_arg(arg, cpu=False, attention="dense")
-  config = ml_collections.ConfigDict()
-  config.seed = 0
-
-  config.dataset = ml_collections.ConfigDict()
-  config.dataset.name = "listops"
-  config.dataset.task = "basic"
-  config.dataset.data_dir = ml_collections.FieldReference(None, field_type=str)
-  config.dataset.generate = True  # Write {task}_{train,val,test}.tsv first if missing.
-  config.dataset.max_length = 2000
-  config.dataset.generator = ml_collections.ConfigDict(dict(
-      num_train=96_000, num_val=2_000, num_test=2_000, min_length=500, max_length=2000,
-      max_depth=10, max_args=10, value_p=0.25, seed=0))
-
-  config.model = ml_collections.ConfigDict(dict(
-      name="lra_encoder", emb_dim=512, num_heads=8, qkv_dim=512, mlp_dim=1024, num_layers=4,
-      dropout_rate=0.1, attention_dropout_rate=0.1, pooling="CLS",
-      learned_position_embedding=False, cls_mask_from_first_token=False, dtype="float32",
-      attention=arg.attention))
-
-  config.batch_size = 32
-  config.eval_batch_size = 32
-  config.num_train_steps = 5_000
-  config.optimizer = "adamw"
-  config.learning_rate = 0.05
-  config.schedule = "constant*linear_warmup*rsqrt_decay"
-  config.warmup_steps = 1_000
-  config.adam_b1 = 0.9
-  config.adam_b2 = 0.98
-  config.adam_eps = 1e-9
-  config.weight_decay = 0.1
-  config.grad_clip_norm = ml_collections.FieldReference(None, field_type=float)
-
-  config.log_every_steps = 50
-  config.eval_every_steps = 50
-  config.checkpoint_every_steps = 500
-  config.max_checkpoints_to_keep = 3
-  config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, model=1))
-  config.distributed_init = False  # jax.distributed.initialize() for multi-host runs.
+  config = lra_configs.base_config(
+      dataset=dict(
+          name="listops", task="basic", data_dir=None,
+          generate=True,  # Write {task}_{train,val,test}.tsv first if missing.
+          max_length=2000,
+          generator=dict(num_train=96_000, num_val=2_000, num_test=2_000, min_length=500,
+                         max_length=2000, max_depth=10, max_args=10, value_p=0.25, seed=0)),
+      model=dict(
+          name="lra_encoder", emb_dim=512, num_heads=8, qkv_dim=512, mlp_dim=1024, num_layers=4,
+          dropout_rate=0.1, attention_dropout_rate=0.1, pooling="CLS",
+          learned_position_embedding=False, cls_mask_from_first_token=False, dtype="float32",
+          attention=arg.attention),
+      batch_size=32, num_train_steps=5_000, learning_rate=0.05,
+      schedule="constant*linear_warmup*rsqrt_decay", warmup_steps=1_000, weight_decay=0.1,
+      eval_every_steps=50)
 
   if arg.cpu:
     config.dataset.max_length = 64
@@ -99,6 +56,4 @@ def get_config(arg=None):
     config.eval_every_steps = 250
     config.checkpoint_every_steps = 250
 
-  length = config.dataset.max_length + (1 if config.model.pooling == "CLS" else 0)
-  config.model.attention_kwargs = attention_kwargs(arg.attention, length)
-  return config
+  return lra_configs.finish(config)

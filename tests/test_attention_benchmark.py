@@ -1,0 +1,60 @@
+"""Tests of the attention benchmark's flag handling and target read-out (no timing).
+
+experiments/benchmarks/attention.py is a script, loaded here from its path.
+"""
+
+import importlib.util
+import math
+import pathlib
+import sys
+
+import pytest
+
+_PATH = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "benchmarks" / "attention.py"
+_SPEC = importlib.util.spec_from_file_location("attention_benchmark", _PATH)
+bench = importlib.util.module_from_spec(_SPEC)
+sys.modules[_SPEC.name] = bench        # dataclasses look their module up there
+_SPEC.loader.exec_module(bench)
+
+
+def row(mechanism, passes, length, median_ms, memory_mib=1.0, gflop_per_s=math.nan):
+  return {"mechanism": mechanism, "passes": passes, "length": length, "batch": 1,
+          "dtype": "float32", "median_ms": median_ms, "memory_mib": memory_mib,
+          "gflop_per_s": gflop_per_s}
+
+
+def test_preset_fills_only_missing_flags():
+  args = bench.parse_args(["--preset=targets_8192", "--reps=4"])
+  assert args.lengths == [8192] and args.passes == ["fwd+bwd"] and args.capped_reps == 1
+  assert args.reps == 4
+  args = bench.parse_args(["--lengths=64,128", "--mechanisms=dense.layer"])
+  assert args.lengths == [64, 128] and args.mechanisms == ["dense.layer"]
+  assert args.batches == [1, 8] and args.passes == ["fwd", "fwd+bwd"]   # the sweep's defaults
+
+
+@pytest.mark.parametrize("flags", [["--mechanisms=dense.layer,linformer"], ["--reps=0"]])
+def test_bad_flags_are_errors(flags):
+  with pytest.raises(SystemExit):
+    bench.parse_args(flags)
+
+
+def test_unknown_mechanism_in_build_cases_is_an_error():
+  with pytest.raises(ValueError, match="unknown mechanism 'cast.layer'"):
+    bench.build_cases("cast.layer", 1, 16, 2, 4, "float32", 0.1)
+
+
+def test_target_lines_ratios_and_derived_dense_layer():
+  rows = [row("dense.proper", "fwd+bwd", 8192, 6000.0),
+          row("cast_topk.proper", "fwd+bwd", 8192, 50.0, gflop_per_s=60.0),
+          row("cast_topk.layer", "fwd+bwd", 8192, 250.0),
+          row("cast_topk.proper", "fwd+bwd", 4096, 1.0, memory_mib=100.0),
+          row("cast_topk.proper", "fwd+bwd", 16384, 1.0, memory_mib=500.0),
+          row("dense.layer", "fwd", 1024, 300.0), row("sparsifiner_gather.layer", "fwd", 1024, 100.0)]
+  lines = bench.target_lines(rows, {"matmul_gflop_per_s": 100.0})
+  text = "\n".join(lines)
+  assert "(proper) fwd+bwd at N=8192: 120.0x faster than dense (target >= 60x): **met**" in text
+  # Dense layer = 6000 + (250 - 50) ms of projections: 6200 / 250 = 24.8x.
+  assert "(layer) fwd+bwd at N=8192: 24.8x" in text and "derived" in text
+  assert "0.60 of this run's dense-matmul 100.0 GFLOP/s (target >= 0.5): **met**" in text
+  assert "memory 4096 -> 16384 tokens: 5.00x (target <= 4.5x): **missed**" in text
+  assert "fwd at N=1024: 3.00x dense's speed (target >= 2x): **met**" in text
