@@ -24,6 +24,7 @@ import json
 import os
 import pathlib
 import platform
+import sys
 
 import jax
 
@@ -104,7 +105,8 @@ def write(rows: list[dict], output: pathlib.Path) -> None:
       f"1,200 train / 300 val images at 64 x 64 px; test = the 300 val images. "
       f"{jax.device_count()} {jax.default_backend()} device, {platform.machine()}, 2 cores "
       f"shared with other jobs; jax {jax.__version__}. Images/s exclude the compiling step, "
-      "evaluation and checkpointing. Command: `python experiments/vision/cpu_runs.py`.",
+      "evaluation and checkpointing. Command: `python experiments/vision/cpu_runs.py "
+      f"{' '.join(sys.argv[1:])}`.",
       "",
       "| run | model | attention | stage | test acc | steps | batch | images/s | params | "
       "wall s | config |",
