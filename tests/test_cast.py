@@ -467,6 +467,72 @@ def test_gradients_reach_every_parameter_and_skip_the_indices():
   np.testing.assert_allclose(autodiff, finite_difference, rtol=1e-2)
 
 
+@pytest.mark.parametrize("kwargs", [
+    {},
+    {"combination": "intra_plus_others", "summary_support": "all", "shared_surrogates": True,
+     "cluster_size": 8}], ids=["default", "intra_plus_others+all+shared"])
+def test_gradients_match_direct_implementation(kwargs):
+  """The custom backward passes (chunked intra-cluster attention, softmax and row scaling,
+  ``base.softmax`` / ``base.scale_rows``) give the gradients of §3.1 written directly, for the
+  sown (constant) indices, with respect to every parameter and the input."""
+  module = make(**kwargs)
+  variables = variables_for(module)
+  x, mask = inputs()
+  _, state = apply_with_intermediates(module, variables, x, mask)
+  idx, valid = state["cluster_indices"], state["cluster_valid"]
+  weights = jnp.asarray(np.random.default_rng(7).standard_normal(x.shape)) * mask[..., None]
+
+  grads = jax.jit(jax.grad(lambda v, x: jnp.sum(module.apply(v, x, mask) * weights),
+                           argnums=(0, 1)))(variables, x)
+  ref = jax.jit(jax.grad(lambda v, x: jnp.sum(reference_forward(
+      v, x, mask, idx, valid, module.combination, module.summary_support) * weights),
+      argnums=(0, 1)))(variables, x)
+  for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(ref)):
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
+def test_chunked_intra_attention_equals_batched_product(dtype, tol):
+  """The CPU path of ``intra_cluster_attention`` (steps of clusters, recomputing backward pass)
+  equals the batched product with autodiff in values and gradients, invalid slots included;
+  B H N_c = 2 * 3 * 6 = 36 is not a multiple of INTRA_CHUNK_CLUSTERS (steps of gcd = 4)."""
+  keys = jax.random.split(jax.random.key(3), 5)
+  shape = (2, 3, 6, 7, 8)
+  q, k, v, cotangent = (jax.random.normal(key, shape, dtype) for key in keys[:4])
+  valid = jax.random.bernoulli(keys[4], 0.7, shape[:-1]).at[..., 0].set(True)
+  valid = valid.at[0, 0, 0].set(False)  # a cluster without valid members
+  scale = shape[-1] ** -0.5
+  chunked = lambda *a: cast.intra_cluster_attention(*a, valid, scale)  # noqa: E731
+  batched = lambda *a: cast._intra_attention(*a, valid, scale)  # noqa: E731
+  jaxpr = str(jax.make_jaxpr(chunked)(q, k, v))
+  assert "custom_vjp_call" in jaxpr and "scan" in jaxpr  # the CPU branch is the chunked one
+  out_a, vjp_a = jax.vjp(chunked, q, k, v)
+  out_b, vjp_b = jax.vjp(batched, q, k, v)
+  np.testing.assert_allclose(np.asarray(out_a, np.float32), np.asarray(out_b, np.float32),
+                             atol=tol, rtol=tol)
+  for got, want in zip(vjp_a(cotangent), vjp_b(cotangent)):
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
+                               atol=tol * 4, rtol=tol * 4)
+
+
+def test_base_softmax_and_scale_rows_gradients_equal_plain_expressions():
+  """``base.softmax`` and ``base.scale_rows`` (custom backward passes) against autodiff of
+  ``jax.nn.softmax`` and ``w[..., None] * x``, a masked row (MASK_VALUE everywhere) included."""
+  from clustr_jax.attention import base
+  keys = jax.random.split(jax.random.key(4), 4)
+  logits = jax.random.normal(keys[0], (3, 5, 9)).at[1, 2].set(base.MASK_VALUE)
+  w, x = jax.random.normal(keys[1], (3, 5)), jax.random.normal(keys[2], (3, 5, 4))
+  for fn, plain, args, cot_shape in (
+      (base.softmax, lambda a: jax.nn.softmax(a, axis=-1), (logits,), logits.shape),
+      (base.scale_rows, lambda w, x: w[..., None] * x, (w, x), x.shape)):
+    cotangent = jax.random.normal(keys[3], cot_shape)
+    out, vjp = jax.vjp(fn, *args)
+    out_plain, vjp_plain = jax.vjp(plain, *args)
+    np.testing.assert_allclose(out, out_plain, rtol=1e-6, atol=1e-7)
+    for got, want in zip(vjp(cotangent), vjp_plain(cotangent)):
+      np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
 # ---------------------------------------------------------------- memory: no [N, N] array
 
 

@@ -139,3 +139,57 @@ def attention_dropout(weights: Array, rate: float, deterministic: bool) -> Array
   if deterministic or rate == 0.0:
     return weights
   return nn.Dropout(rate=rate, deterministic=False)(weights)
+
+
+# Row reductions written as dot_generals. XLA:CPU (jaxlib 0.10) fuses `sum(a * b, axis=-1)` into
+# a YNNPACK fusion that ran about 40x slower than the same contraction as a dot_general
+# (measured: [8, 64, 128, 64] operands, 42 ms against 1.1 ms on 2 cores). Autodiff writes exactly
+# that pattern in the backward pass of a softmax and of a per-row scaling, so the two functions
+# below carry their own backward pass built from ``row_dot``. Values and gradients are those of
+# the plain expressions (to float rounding).
+
+def row_dot(a: Array, b: Array) -> Array:
+  """sum(a * b, axis=-1) as a dot_general: a, b [..., d] -> [...] (the operands' dtype)."""
+  return jnp.einsum("...d,...d->...", a, b)
+
+
+@jax.custom_vjp
+def softmax(logits: Array) -> Array:
+  """``jax.nn.softmax(logits, axis=-1)`` whose backward pass reduces rows with ``row_dot``.
+
+  Args: logits [..., n] float. Returns: [..., n] in logits' dtype.
+  """
+  return jax.nn.softmax(logits, axis=-1)
+
+
+def _softmax_fwd(logits):
+  y = jax.nn.softmax(logits, axis=-1)
+  return y, y
+
+
+def _softmax_bwd(y, g):
+  return (y * (g - row_dot(g, y)[..., None]),)
+
+
+softmax.defvjp(_softmax_fwd, _softmax_bwd)
+
+
+@jax.custom_vjp
+def scale_rows(w: Array, x: Array) -> Array:
+  """w[..., None] * x whose backward pass reduces rows with ``row_dot``.
+
+  Args: w [...], x [..., d] of one dtype. Returns: [..., d].
+  """
+  return w[..., None] * x
+
+
+def _scale_rows_fwd(w, x):
+  return w[..., None] * x, (w, x)
+
+
+def _scale_rows_bwd(residuals, g):
+  w, x = residuals
+  return row_dot(g, x), w[..., None] * g
+
+
+scale_rows.defvjp(_scale_rows_fwd, _scale_rows_bwd)
