@@ -15,40 +15,21 @@ from __future__ import annotations
 
 import argparse
 import csv
-import importlib.util
 import os
 import pathlib
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from baseline import load_baseline
 from clustr_jax.attention import clustr
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 SOURCE = "clustr_jax/attention/clustr.py"
-
-
-def load_baseline(commit: str):
-  """The clustr module as of ``commit``, imported under the name ``clustr_baseline``.
-
-  Raises:
-    subprocess.CalledProcessError: ``commit`` or the file at it does not exist.
-  """
-  text = subprocess.run(["git", "-C", str(REPO), "show", f"{commit}:{SOURCE}"], check=True,
-                        capture_output=True, text=True).stdout
-  path = pathlib.Path(tempfile.mkdtemp()) / "clustr_baseline.py"
-  path.write_text(text)
-  spec = importlib.util.spec_from_file_location("clustr_baseline", path)
-  module = importlib.util.module_from_spec(spec)
-  sys.modules[spec.name] = module
-  spec.loader.exec_module(module)
-  return module
 
 
 def tokens(kind: str, length: int, features: int) -> jax.Array:
@@ -68,7 +49,7 @@ def main() -> None:
   p.add_argument("--output", default=str(REPO / "experiments" / "results" /
                                          "clustr_clustering_ab"))
   args = p.parse_args()
-  baseline = load_baseline(args.baseline)
+  baseline = load_baseline(args.baseline, SOURCE)
   load_start = os.getloadavg()
   rows = []
   for length in [int(n) for n in args.lengths.split(",")]:
