@@ -11,6 +11,7 @@ import sys
 import pytest
 
 _PATH = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "benchmarks" / "attention.py"
+sys.path.insert(0, str(_PATH.parent))  # its sibling modules (cpu_memory), as when run as a script
 _SPEC = importlib.util.spec_from_file_location("attention_benchmark", _PATH)
 bench = importlib.util.module_from_spec(_SPEC)
 sys.modules[_SPEC.name] = bench        # dataclasses look their module up there
@@ -58,3 +59,20 @@ def test_target_lines_ratios_and_derived_dense_layer():
   assert "0.60 of this run's dense-matmul 100.0 GFLOP/s (target >= 0.5): **met**" in text
   assert "memory 4096 -> 16384 tokens: 5.00x (target <= 4.5x): **missed**" in text
   assert "fwd at N=1024: 3.00x dense's speed (target >= 2x): **met**" in text
+
+
+def test_cast_flops_do_not_depend_on_the_intra_chunk():
+  """XLA counts a loop body once; the benchmark counts CAST's chunked intra-cluster loop as one
+  step of all clusters, so the FLOPs it reports are the same for any chunk size."""
+  from clustr_jax.attention import cast
+  counts = []
+  saved = cast.INTRA_CHUNK_CLUSTERS
+  try:
+    for chunk in (16, 4):
+      cast.INTRA_CHUNK_CLUSTERS = chunk
+      case = bench.build_cases("cast_topk.proper", 1, 256, 2, 8, "float32", 0.1)[1]
+      bench.compile_case(case, max_memory_bytes=2**30)
+      counts.append(case.flops)
+  finally:
+    cast.INTRA_CHUNK_CLUSTERS = saved
+  assert counts[0] == counts[1] > 0

@@ -80,8 +80,10 @@ Cost per head (cast.md §3.2): affinities and combination O(N N_c d), selection 
 and SA 'argmax'; 'sequential' runs N_c selections over N; 'greedy' runs rounds of O(N N_c), each
 round taking at least one pair and in practice many: ~20 rounds at N = 8192, N_c = 64,
 kappa = 128, several times the cost of the rest of the layer), intra attention O(N_c kappa^2 d).
-Memory O(N N_c + N_c kappa^2 + N d): no [N, N] array is ever formed. The intra results return to
-token positions with a scatter-add over the N_c kappa slots.
+Memory O(N N_c + N_c kappa^2 + N d): no [N, N] array is ever formed (on the CPU the
+[N_c, kappa, kappa] intra weights exist only INTRA_CHUNK_CLUSTERS clusters at a time, see
+``intra_cluster_attention``). The intra results return to token positions with a scatter-add
+over the N_c kappa slots.
 
 Sown into 'intermediates' (for plots and losses): 'cluster_indices' int32 [B, H, N_c, kappa],
 'cluster_valid' bool [B, H, N_c, kappa] (which slots hold a real member), 'coverage' int32
@@ -224,10 +226,10 @@ def _scatter_add(values: jax.Array, idx: jax.Array, length: int) -> jax.Array:
 # Intra-cluster attention. On the CPU it runs over the B H N_c clusters in steps of
 # INTRA_CHUNK_CLUSTERS, so that each step's [chunk, kappa, kappa] weights stay in cache, with a
 # custom backward pass that recomputes them step by step from the saved row maxima and sums (as
-# flash attention does): at N = 8192, N_c = 64, kappa = 128 (512 clusters) this ran the intra part 3-4x
-# faster forward and about 1.4x faster forward+backward than one batched product (measured by
-# experiments/benchmarks/attention.py; see experiments/results/README.md). Other backends, and
-# attention dropout, use the batched product with autodiff.
+# flash attention does). XLA:CPU runs one batched [512 x 128 x 64] x [64 x 128] product far
+# below its matmul rate, and the plain backward pass through it far slower still; the layer-level
+# gain is in experiments/results/cast_ab.md (experiments/benchmarks/cast_ab.py). Other backends,
+# and attention dropout, use the batched product with autodiff.
 # --------------------------------------------------------------------------------------------
 
 #: Clusters per step of the CPU intra-cluster attention (a divisor of B H N_c is used).

@@ -41,10 +41,11 @@ Cost: predictor O(N n_down c H) + A^ O(N^2 H basis_topk) (mode A: O(N^2 H n_down
 over N columns for N H rows; attention O(N^2 d H) on the masked path, O(N k d H) on the gather
 path. Memory: A^ is [B, H, Nq, N] float32 on both paths. The predictor (q~, k~, A_down, A^,
 top-k) runs in float32 whatever ``dtype`` is, so that the selected sets do not depend on
-bfloat16 rounding. On the CPU, XLA's TopK (a partial sort per row, one thread) makes the top-k
-over A^ the largest single cost: at N = 1024, H = 8, d = 64, keep 0.1 it takes about as long as
-the whole dense attention layer, so the forward pass is about 2x slower than dense attention
-there, while forward + backward is about as fast (the FLOP savings of the paper are counted,
+bfloat16 rounding. On the CPU, XLA's TopK (one thread, its time growing with k) makes the
+top-k over A^ the largest single cost: at N = 1024, H = 8, d = 64, keep 0.1 it takes longer than
+the whole dense attention layer, so the forward pass is several times slower than dense
+attention there and forward + backward about half as fast
+(``experiments/results/attention_targets_short.md``; the FLOP savings of the paper are counted,
 not measured, reference §4.1).
 
 Padding (``mask``; the official code has none) and what we add to keep it from leaking:

@@ -7,7 +7,10 @@ compile time apart, the XLA cost analysis FLOPs, the compiled memory analysis (a
 times them: a warm-up call, then repetitions of all mechanisms interleaved (one call of each in
 turn, so that load from other processes hits all of them alike), ``block_until_ready``, median.
 A square matmul runs in the same interleaved loop and gives the dense-matmul FLOP/s ceiling of
-this run. ``os.getloadavg()`` is recorded before and after.
+this run. ``os.getloadavg()`` is recorded before and after. Run as a script, it re-executes
+itself with glibc malloc keeping freed memory (``cpu_memory.py``: otherwise every call
+page-faults its buffers in again, 30 % of CAST's time in this project's VMs); --malloc_defaults
+keeps glibc's defaults. Either way the output names the setting.
 
 Mechanisms (the name's suffix is the scope):
   dense.layer, dense.proper     DenseAttention (XLA; cuDNN on GPU), ``jax.nn.dot_product_attention``
@@ -63,8 +66,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import cpu_memory
 from clustr_jax.attention import cast
 from clustr_jax.attention import clustr
+from clustr_jax.attention import sparsifiner
 from clustr_jax.attention.cast import CASTAttention
 from clustr_jax.attention.clustr import ClusTRAttention
 from clustr_jax.attention.dense import DenseAttention
@@ -91,6 +96,9 @@ class Case:
   device_peak_bytes: float = float("nan")
   times: list[float] = dataclasses.field(default_factory=list)
   note: str = ""
+  # (module, constant, value) set while tracing the FLOP-count copy: the chunk constants of the
+  # CPU loops (CAST's intra-cluster attention, Sparsifiner's gather rows), as one step of all.
+  flops_overrides: tuple[tuple[Any, str, int], ...] = ()
 
 
 def _loss_grad(apply: Callable[..., jax.Array], argnums: tuple[int, ...]):
@@ -137,15 +145,19 @@ def build_cases(mechanism: str, batch: int, length: int, heads: int, head_dim: i
     return [Case(mechanism, "fwd", jax.jit(fn), args),
             Case(mechanism, "fwd+bwd", jax.jit(_loss_grad(fn, (0, 1, 2))), args)]
   if sa and scope == "layer":
-    return _module_cases(mechanism, CASTAttention(heads, clustering=sa, dtype=dtype,
-                                                  **cast_kwargs), x, mask)
-  if sa and scope == "proper":
+    cases = _module_cases(mechanism, CASTAttention(heads, clustering=sa, dtype=dtype,
+                                                   **cast_kwargs), x, mask)
+  elif sa and scope == "proper":
     s = 0.02 * jax.random.normal(jax.random.key(3), (heads, CAST_CLUSTERS, head_dim), dtype)
     fn = lambda q, k, v, s: cast.cast_attention(  # noqa: E731
         q, k, v, s, mask, cluster_size=cast_kwargs["cluster_size"], clustering=sa)[0]
     args = _qkv(batch, length, heads, head_dim, dtype) + (s,)
-    return [Case(mechanism, "fwd", jax.jit(fn), args),
-            Case(mechanism, "fwd+bwd", jax.jit(_loss_grad(fn, (0, 1, 2, 3))), args)]
+    cases = [Case(mechanism, "fwd", jax.jit(fn), args),
+             Case(mechanism, "fwd+bwd", jax.jit(_loss_grad(fn, (0, 1, 2, 3))), args)]
+  if sa:
+    for case in cases:
+      case.flops_overrides = ((cast, "INTRA_CHUNK_CLUSTERS", batch * heads * CAST_CLUSTERS),)
+    return cases
   clustr_kwargs = {"num_clusters": (max(length // 64, 1), max(length // 16, 1)),
                    "distance_chunk_size": CLUSTR_CHUNK}
   if mechanism == "clustr.layer":
@@ -167,7 +179,10 @@ def build_cases(mechanism: str, batch: int, length: int, heads: int, head_dim: i
   if family == "sparsifiner_gather" or family == "sparsifiner_masked":
     module = SparsifinerAttention(heads, keep_rate=sparsifiner_keep_rate, dtype=dtype,
                                   path=family.split("_")[1])
-    return _module_cases(mechanism, module, x, mask)
+    cases = _module_cases(mechanism, module, x, mask)
+    for case in cases:   # its patch queries (the CLS row is dense) in one step
+      case.flops_overrides = ((sparsifiner, "GATHER_CHUNK_ROWS", batch * heads * (length - 1)),)
+    return cases
   raise ValueError(f"unknown mechanism {mechanism!r}; valid: {', '.join(MECHANISMS)}")
 
 
@@ -183,6 +198,19 @@ def compile_case(case: Case, max_memory_bytes: float) -> None:
   case.compiled = case.fn.lower(*case.args).compile()
   case.compile_s = time.perf_counter() - start
   cost = case.compiled.cost_analysis()
+  if case.flops_overrides:
+    # XLA's cost analysis counts a loop body once: the CPU paths of CAST and Sparsifiner loop
+    # over chunks, so their FLOPs are counted on a copy traced with one chunk of everything
+    # (the same operations in a one-step loop).
+    saved = [getattr(module, name) for module, name, _ in case.flops_overrides]
+    try:
+      for module, name, value in case.flops_overrides:
+        setattr(module, name, value)
+      fn = case.fn.__wrapped__ if hasattr(case.fn, "__wrapped__") else case.fn
+      cost = jax.jit(lambda *a: fn(*a)).lower(*case.args).compile().cost_analysis()
+    finally:
+      for (module, name, _), value in zip(case.flops_overrides, saved):
+        setattr(module, name, value)
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   case.flops = float((cost or {}).get("flops", float("nan")))
   mem = case.compiled.memory_analysis()
@@ -241,7 +269,8 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]
   info: dict[str, Any] = {"loadavg_start": os.getloadavg(), "backend": jax.default_backend(),
                           "device": str(jax.devices()[0]), "jax": jax.__version__,
                           "machine": platform.processor() or platform.machine(),
-                          "cpus": os.cpu_count(), "command": " ".join(sys.argv)}
+                          "cpus": os.cpu_count(), "command": " ".join(sys.argv),
+                          "malloc": cpu_memory.describe()}
   rows: list[dict[str, Any]] = []
   matmul_times: list[float] = []
   capped: set[tuple[str, str]] = set()
@@ -366,7 +395,7 @@ def write_outputs(rows: list[dict[str, Any]], info: dict[str, Any], output: path
   lines = [f"# Attention benchmark: `{output.name}`", "",
            f"Command: `{info['command']}`", "",
            f"Backend {info['backend']} ({info['device']}, {info['machine']}, {info['cpus']} CPUs),"
-           f" jax {info['jax']}. Load average (1, 5, 15 min) at the start "
+           f" jax {info['jax']}; {info['malloc']}. Load average (1, 5, 15 min) at the start "
            f"{tuple(round(x, 2) for x in info['loadavg_start'])}, at the end "
            f"{tuple(round(x, 2) for x in info['loadavg_end'])}. Dense {MATMUL_SIZE}^2 matmul in "
            f"the same interleaved loop: {info['matmul_gflop_per_s']} GFLOP/s (median of "
@@ -459,6 +488,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   p.add_argument("--max_memory_gb", type=float, default=12.0)
   p.add_argument("--output", default=None, help="path prefix of the outputs")
   p.add_argument("--no_plots", action="store_true")
+  p.add_argument("--malloc_defaults", action="store_true",
+                 help="keep glibc's malloc defaults instead of re-running with the settings of "
+                      "cpu_memory.py (freed memory kept; see that file)")
   args = p.parse_args(argv)
   defaults = {"uncapped": [], "passes": ["fwd", "fwd+bwd"], "reps": 10, "capped_reps": 3,
               "time_cap_s": 5.0} | PRESETS.get(args.preset, PRESETS["sweep"] | {
@@ -483,4 +515,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+  if "--malloc_defaults" not in sys.argv:
+    cpu_memory.reexec_keeping_memory()
   main()

@@ -5,7 +5,8 @@ runs ``cast_attention`` (Top-K, N_c 64, kappa 128, B = 1, 8 heads x 64, float32,
 ``attention.py``'s cast_topk.proper) forward and forward+backward (the loss sum(y^2), gradients
 with respect to q, k, v and the surrogates) on the same inputs; checks that outputs and
 gradients agree, reports each version's compiled memory, and times the two interleaved (median
-of --reps after a warm-up).
+of --reps after a warm-up), with glibc keeping freed memory unless --malloc_defaults
+(``cpu_memory.py``).
 
   python experiments/benchmarks/cast_ab.py --baseline=0f68085 --lengths=4096,8192,16384
 
@@ -25,6 +26,7 @@ import time
 import jax
 import jax.numpy as jnp
 
+import cpu_memory
 from baseline import REPO, load_baseline
 from clustr_jax.attention import cast
 
@@ -48,6 +50,8 @@ def main() -> None:
   p.add_argument("--lengths", default="4096,8192,16384")
   p.add_argument("--reps", type=int, default=10)
   p.add_argument("--output", default=str(REPO / "experiments" / "results" / "cast_ab"))
+  p.add_argument("--malloc_defaults", action="store_true",
+                 help="keep glibc's malloc defaults (see cpu_memory.py)")
   args = p.parse_args()
   versions = {"baseline": load_baseline(args.baseline, SOURCE), "current": cast}
   load_start = os.getloadavg()
@@ -94,11 +98,14 @@ def main() -> None:
            "arguments + outputs + temporaries - aliases (MiB); max_abs_diff over the outputs "
            "(fwd) or all four gradients (fwd+bwd). Load average "
            f"{tuple(round(v, 2) for v in load_start)} at the start, "
-           f"{tuple(round(v, 2) for v in load_end)} at the end (2 CPUs, jax {jax.__version__}).",
+           f"{tuple(round(v, 2) for v in load_end)} at the end ({os.cpu_count()} CPUs, jax "
+           f"{jax.__version__}; {cpu_memory.describe()}).",
            "", "| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
   lines += ["| " + " | ".join(str(v) for v in r.values()) + " |" for r in rows]
   pathlib.Path(f"{args.output}.md").write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
+  if "--malloc_defaults" not in sys.argv:
+    cpu_memory.reexec_keeping_memory()
   main()
