@@ -237,7 +237,7 @@ INTRA_CHUNK_CLUSTERS = 16
 
 
 def _intra_logits(q_c, k_c, valid, scale):
-  """[..., kappa, d] x [..., kappa, d] -> float32 logits [..., kappa, kappa], invalid keys masked."""
+  """[..., kappa, d] x [..., kappa, d] -> float32 logits [..., kappa, kappa], masked keys."""
   logits = jnp.einsum("...id,...jd->...ij", q_c, k_c, preferred_element_type=jnp.float32)
   return jnp.where(valid[..., None, :], logits * scale, base.MASK_VALUE)
 

@@ -31,11 +31,12 @@ one whose warm-up call exceeds --time_cap_s gets --capped_reps timings (its warm
 first) instead of --reps, and is not run at larger lengths unless listed in --uncapped (the
 output says so in the 'note' column).
 
-  # The issue-7 targets (dense at N = 8192 dominates: 40 s per fwd+bwd call on 2 idle cores):
+  # The issue-7 targets (dense at N = 8192 dominates: 9-31 s per fwd+bwd call on 2 cores):
   python experiments/benchmarks/attention.py --preset=targets_8192
   python experiments/benchmarks/attention.py --preset=targets_scaling
   python experiments/benchmarks/attention.py --preset=targets_short
-  # The sweep (lengths 512 .. 65536, batch 1 and 8, float32 and bfloat16; hours on 2 cores):
+  # The sweep (lengths 512 .. 65536, batch 1 and 8, float32 and bfloat16, 3 repetitions, a
+  # mechanism stopped after a call over 3 s; about 30 min on 2 cores):
   python experiments/benchmarks/attention.py --preset=sweep
   # Any subset:
   python experiments/benchmarks/attention.py --lengths=1024,4096 --batches=1 \
@@ -304,7 +305,8 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]
               "device_peak_mib": round(case.device_peak_bytes / 2**20, 1),
               "note": case.note})
         print(f"[{dtype_name} B={batch} N={length}] " + ", ".join(
-            f"{r['mechanism']}/{r['passes']} {r['median_ms']:.1f} ms" for r in rows[-len(cases):]),
+            f"{r['mechanism']}/{r['passes']} {r['median_ms']:.1f} ms"
+            for r in rows[len(rows) - len(cases):]),
             flush=True)
   info["loadavg_end"] = os.getloadavg()
   info["matmul_gflop_per_s"] = round(2 * MATMUL_SIZE ** 3 / _median(matmul_times) / 1e9, 1)
@@ -440,8 +442,8 @@ def _plot(rows: list[dict[str, Any]], output: pathlib.Path) -> None:
 
 PRESETS = {
     # The issue-7 targets at N = 8192: CAST against dense XLA attention, forward+backward.
-    # Dense runs once (its warm-up call, about 40 s on 2 quiet cores), and only the proper
-    # attention: the whole-layer ratio adds CAST's measured projection time to it (add
+    # Dense runs once (its warm-up call, 9-31 s on 2 cores; --capped_reps for more), and only
+    # the proper attention: the whole-layer ratio adds CAST's measured projection time to it (add
     # --mechanisms=dense.layer,... and --capped_reps to measure it directly on a quiet machine).
     "targets_8192": {"lengths": [8192], "batches": [1], "dtypes": ["float32"],
                      "mechanisms": ["dense.proper", "cast_topk.layer", "cast_topk.proper"],
@@ -459,8 +461,15 @@ PRESETS = {
                                      "sparsifiner_masked.layer", "sparsifiner.predictor",
                                      "sparsifiner.topk", "clustr.layer", "clustr.clustering"],
                       "output": str(RESULTS / "attention_targets_short")},
+    # The committed sweep ran as four invocations of these settings, one per dtype and batch
+    # (--dtypes=float32 --batches=1 ... --output=.../attention_sweep_float32_b1, and so on, with
+    # --max_memory_gb=10); this preset runs them in one and writes one file.
     "sweep": {"lengths": [512, 1024, 2048, 4096, 8192, 16384, 32768, 65536], "batches": [1, 8],
-              "dtypes": ["float32", "bfloat16"], "mechanisms": list(MECHANISMS),
+              "dtypes": ["float32", "bfloat16"],
+              "mechanisms": [m for m in MECHANISMS if m not in (
+                  "cast_satopk.layer", "clustr.clustering", "sparsifiner.predictor",
+                  "sparsifiner.topk")],
+              "reps": 3, "capped_reps": 1, "time_cap_s": 3.0,
               "output": str(RESULTS / "attention_sweep")},
 }
 

@@ -83,7 +83,8 @@ def main() -> None:
       rows.append({"length": length, "passes": passes,
                    "baseline_ms": round(med["baseline"], 1), "current_ms": round(med["current"], 1),
                    "speedup": round(med["baseline"] / med["current"], 2),
-                   "baseline_mib": round(mem["baseline"], 1), "current_mib": round(mem["current"], 1),
+                   "baseline_mib": round(mem["baseline"], 1),
+                   "current_mib": round(mem["current"], 1),
                    "max_abs_diff": f"{diff:.1e}"})
       print(rows[-1], flush=True)
   load_end = os.getloadavg()
