@@ -305,7 +305,7 @@ _chunked_intra_attention.defvjp(_chunked_intra_fwd, _chunked_intra_bwd)
 
 def intra_cluster_attention(q_c: jax.Array, k_c: jax.Array, v_c: jax.Array, valid: jax.Array,
                             scale: float, dropout=None) -> jax.Array:
-  """Softmax attention inside each cluster (the R_intra of the module docstring).
+  """Softmax attention inside each cluster: R_intra of the module docstring (cast.md §3.1).
 
   Args:
     q_c, k_c, v_c: the members' queries, keys, values [B, H, N_c, kappa, d], one dtype.

@@ -16,9 +16,7 @@ Writes <output>.md and <output>.csv (default experiments/results/cast_ab).
 from __future__ import annotations
 
 import argparse
-import csv
 import os
-import pathlib
 import statistics
 import sys
 import time
@@ -27,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 import cpu_memory
-from baseline import REPO, load_baseline
+from baseline import REPO, load_baseline, write_ab_outputs
 from clustr_jax.attention import cast
 
 SOURCE = "clustr_jax/attention/cast.py"
@@ -88,22 +86,15 @@ def main() -> None:
                    "max_abs_diff": f"{diff:.1e}"})
       print(rows[-1], flush=True)
   load_end = os.getloadavg()
-  with open(f"{args.output}.csv", "w", newline="") as f:
-    writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
-  lines = [f"# CAST attention proper: current against {args.baseline}", "",
-           f"Command: `{' '.join(sys.argv)}`", "",
-           f"B = 1, {HEADS} heads x {HEAD_DIM}, Top-K, N_c {CLUSTERS}, kappa {KAPPA}, float32; "
-           f"medians of {args.reps} interleaved repetitions after a warm-up; memory = compiled "
-           "arguments + outputs + temporaries - aliases (MiB); max_abs_diff over the outputs "
-           "(fwd) or all four gradients (fwd+bwd). Load average "
-           f"{tuple(round(v, 2) for v in load_start)} at the start, "
-           f"{tuple(round(v, 2) for v in load_end)} at the end ({os.cpu_count()} CPUs, jax "
-           f"{jax.__version__}; {cpu_memory.describe()}).",
-           "", "| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
-  lines += ["| " + " | ".join(str(v) for v in r.values()) + " |" for r in rows]
-  pathlib.Path(f"{args.output}.md").write_text("\n".join(lines) + "\n")
+  write_ab_outputs(
+      rows, args.output, f"CAST attention proper: current against {args.baseline}",
+      f"B = 1, {HEADS} heads x {HEAD_DIM}, Top-K, N_c {CLUSTERS}, kappa {KAPPA}, float32; "
+      f"medians of {args.reps} interleaved repetitions after a warm-up; memory = compiled "
+      "arguments + outputs + temporaries - aliases (MiB); max_abs_diff over the outputs "
+      "(fwd) or all four gradients (fwd+bwd). Load average "
+      f"{tuple(round(v, 2) for v in load_start)} at the start, "
+      f"{tuple(round(v, 2) for v in load_end)} at the end ({os.cpu_count()} CPUs, jax "
+      f"{jax.__version__}; {cpu_memory.describe()}).")
 
 
 if __name__ == "__main__":

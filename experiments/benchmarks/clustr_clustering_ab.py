@@ -14,21 +14,17 @@ Writes <output>.md and <output>.csv (default experiments/results/clustr_clusteri
 from __future__ import annotations
 
 import argparse
-import csv
 import os
-import pathlib
 import statistics
-import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from baseline import load_baseline
+from baseline import REPO, load_baseline, write_ab_outputs
 from clustr_jax.attention import clustr
 
-REPO = pathlib.Path(__file__).resolve().parents[2]
 SOURCE = "clustr_jax/attention/clustr.py"
 
 
@@ -83,19 +79,12 @@ def main() -> None:
                    "max_abs_merge_diff": merge_err})
       print(rows[-1], flush=True)
   load_end = os.getloadavg()
-  with open(f"{args.output}.csv", "w", newline="") as f:
-    writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
-  lines = [f"# ClusTR clustering + merge: current against {args.baseline}", "",
-           f"Command: `{' '.join(sys.argv)}`", "",
-           f"B = 1, C = {args.features}, num_clusters (N/64, N/16), distance_chunk_size "
-           f"{args.chunk}; medians of {args.reps} interleaved repetitions. Load average "
-           f"{tuple(round(v, 2) for v in load_start)} at the start, "
-           f"{tuple(round(v, 2) for v in load_end)} at the end (2 CPUs).", "",
-           "| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
-  lines += ["| " + " | ".join(str(v) for v in r.values()) + " |" for r in rows]
-  pathlib.Path(f"{args.output}.md").write_text("\n".join(lines) + "\n")
+  write_ab_outputs(
+      rows, args.output, f"ClusTR clustering + merge: current against {args.baseline}",
+      f"B = 1, C = {args.features}, num_clusters (N/64, N/16), distance_chunk_size "
+      f"{args.chunk}; medians of {args.reps} interleaved repetitions. Load average "
+      f"{tuple(round(v, 2) for v in load_start)} at the start, "
+      f"{tuple(round(v, 2) for v in load_end)} at the end (2 CPUs).")
 
 
 if __name__ == "__main__":
