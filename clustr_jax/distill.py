@@ -2,7 +2,7 @@
 
 Official code: ``lim142857/Sparsifiner`` @ 9a11e26, ``src/main.py`` (strategy
 ``[['attn_recon', 0, 0, 5], ['cls_distill', 0, -5, 45]]``), ``src/losses.py`` (``NewLoss``),
-``src/optim_factory.py``; ../shared/reference/sparsifiner.md §3 and §6. Both stages start from a
+``src/optim_factory.py``; ``docs/sparsifiner.md``. Both stages start from a
 pretrained dense DeiT; the teacher is that DeiT, frozen, in eval mode.
 
   stage 'recon' (attn_recon, 5 epochs): only the connectivity predictors train
@@ -21,7 +21,7 @@ pretrained dense DeiT; the teacher is that DeiT, frozen, in eval mode.
     divided by the batch ("batchmean", log-space targets, times T^2 as DeiT's soft distillation);
     the tokens are the final-normalised patch tokens (the output of the top-level module
     ``token_module``, 'norm', without the first ``num_prefix_tokens``), MSE averaged over all
-    elements.
+    elements. The loss terms are ``clustr_jax/losses.py``'s.
 
 Freezing is an optax mask (``freeze``: ``optax.multi_transform`` with ``set_to_zero`` for the
 frozen group); parameters belong to the predictor when their path contains
@@ -29,7 +29,7 @@ frozen group); parameters belong to the predictor when their path contains
 0.9999 in the released config) is an optax transformation whose state holds the averaged
 parameters, so it is checkpointed with the optimizer state; ``ema_params`` reads it back.
 
-Config (``config.distill``): stage, trainable, predictor_pattern, init_checkpoint (the student's
+Config (``config.distill``, defaults in ``configs/default.py``): stage, trainable, predictor_pattern, init_checkpoint (the student's
 initial parameters: an Orbax checkpoint of the train loop or of ``clustr_jax.convert``; missing
 predictor parameters keep their initialisation), init_rename (key substitutions, see
 ``merge_params``), teacher (None, or a ConfigDict with the model
@@ -55,7 +55,8 @@ import optax
 import orbax.checkpoint as ocp
 from absl import logging
 
-from clustr_jax import train as train_lib
+from clustr_jax import losses
+from clustr_jax import models
 
 STAGES = ("recon", "distill")
 TRAINABLE = ("all", "predictor", "backbone")
@@ -224,55 +225,6 @@ def merge_params(target: Any, source: Any, *, allow_missing: str | None = None,
 
 
 # ---------------------------------------------------------------------------------------------
-# Losses.
-# ---------------------------------------------------------------------------------------------
-def _sown_by_module(intermediates: Any, name: str) -> dict[tuple[str, ...], jax.Array]:
-  """{module path: the array sown as ``name``} over a whole intermediates tree."""
-  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(intermediates))
-  return {key[:-1]: value[0] if isinstance(value, tuple) else value
-          for key, value in flat.items() if key[-1] == name}
-
-
-def recon_loss(intermediates: Any) -> jax.Array:
-  """Stage 1's L_recon (without its weight): (1 / L) sum over the L Sparsifiner layers of
-  sum (approx_attn - stop_gradient(unmasked_attn)[:, :, -Nq:, :])^2.
-
-  Args:
-    intermediates: the 'intermediates' collection of a recon-mode forward pass: per layer
-      ``approx_attn`` [B, H, Nq, N] and ``unmasked_attn`` [B, H, N, N].
-
-  Raises:
-    ValueError: no layer sowed both (the model is not in recon mode or not Sparsifiner).
-  """
-  approx = _sown_by_module(intermediates, "approx_attn")
-  dense = _sown_by_module(intermediates, "unmasked_attn")
-  layers = sorted(set(approx) & set(dense))
-  if not layers:
-    raise ValueError("recon loss: no layer sowed approx_attn and unmasked_attn; stage 'recon' "
-                     "needs Sparsifiner attention with recon_mode=True")
-  total = 0.0
-  for layer in layers:
-    a = approx[layer].astype(jnp.float32)
-    target = jax.lax.stop_gradient(dense[layer].astype(jnp.float32))[:, :, -a.shape[2]:, :]
-    total += jnp.sum((a - target) ** 2)
-  return total / len(layers)
-
-
-def kl_teacher_student(student_logits: jax.Array, teacher_logits: jax.Array,
-                       temperature: float = 1.0) -> jax.Array:
-  """KL(teacher || student) of softmax(logits / T), summed over classes, mean over the batch,
-  times T^2 (``F.kl_div(log_s, log_t, reduction='batchmean', log_target=True) * T * T``)."""
-  log_s = jax.nn.log_softmax(student_logits.astype(jnp.float32) / temperature, -1)
-  log_t = jax.nn.log_softmax(teacher_logits.astype(jnp.float32) / temperature, -1)
-  return jnp.sum(jnp.exp(log_t) * (log_t - log_s)) / student_logits.shape[0] * temperature ** 2
-
-
-def token_mse(student_tokens: jax.Array, teacher_tokens: jax.Array) -> jax.Array:
-  """Mean squared error over all elements (``F.mse_loss``)."""
-  return jnp.mean((student_tokens.astype(jnp.float32) - teacher_tokens.astype(jnp.float32)) ** 2)
-
-
-# ---------------------------------------------------------------------------------------------
 # The stage objectives and their setup from the config.
 # ---------------------------------------------------------------------------------------------
 def _capture(token_module: str):
@@ -282,17 +234,19 @@ def _capture(token_module: str):
 @dataclasses.dataclass(frozen=True)
 class Objective:
   """``(params, batch, rngs, teacher_params) -> (loss, (logits, metrics))`` of one stage, for
-  ``train.train_step``. ``teacher_model`` is only needed in stage 'distill'."""
+  ``train.train_step``. The weights and settings are ``config.distill``'s (documented with their
+  defaults in ``configs/default.py``, ``distill_config``); ``teacher_model`` is only needed in
+  stage 'distill'."""
   model: nn.Module
   stage: str
   input_keys: tuple[str, ...]
-  recon_weight: float = 0.01
-  ce_weight: float = 1.0
-  kl_weight: float = 0.5
-  token_weight: float = 0.5
-  temperature: float = 1.0
-  token_module: str = "norm"
-  num_prefix_tokens: int = 1
+  recon_weight: float
+  ce_weight: float
+  kl_weight: float
+  token_weight: float
+  temperature: float
+  token_module: str
+  num_prefix_tokens: int
   teacher_model: nn.Module | None = None
 
   def __call__(self, params, batch, rngs, teacher_params=None):
@@ -302,8 +256,8 @@ class Objective:
           attention_kwargs={**dict(self.model.attention_kwargs or {}), "recon_mode": True})
       logits, state = model.apply({"params": params}, *inputs, train=True, rngs=rngs,
                                   mutable=["intermediates"])
-      ce = jnp.mean(train_lib.cross_entropy(logits, batch["targets"]))
-      recon = recon_loss(state["intermediates"])
+      ce = jnp.mean(losses.cross_entropy(logits, batch["targets"]))
+      recon = losses.recon_loss(state["intermediates"])
       loss = self.recon_weight * recon + (self.ce_weight * ce if self.ce_weight else 0.0)
       return loss, (logits, {"recon_loss": recon, "cross_entropy": ce})
     capture = _capture(self.token_module)
@@ -315,9 +269,9 @@ class Objective:
     teacher_logits = jax.lax.stop_gradient(teacher_logits)
     tokens = self._tokens(state["intermediates"])
     teacher_tokens = jax.lax.stop_gradient(self._tokens(teacher_state["intermediates"]))
-    ce = jnp.mean(train_lib.cross_entropy(logits, batch["targets"]))
-    kl = kl_teacher_student(logits, teacher_logits, self.temperature)
-    mse = token_mse(tokens, teacher_tokens)
+    ce = jnp.mean(losses.cross_entropy(logits, batch["targets"]))
+    kl = losses.kl_teacher_student(logits, teacher_logits, self.temperature)
+    mse = losses.token_mse(tokens, teacher_tokens)
     loss = self.ce_weight * ce + self.kl_weight * kl + self.token_weight * mse
     return loss, (logits, {"cross_entropy": ce, "kl": kl, "token_mse": mse})
 
@@ -364,31 +318,27 @@ def setup(config: ml_collections.ConfigDict, model: nn.Module, dataset) -> Disti
     raise ValueError(f"config.distill.stage={d.stage!r} unknown; valid: {', '.join(STAGES)}")
   teacher_model = teacher_params = None
   if d.stage == "distill":
-    teacher = d.get("teacher")
+    teacher = d.teacher
     if teacher is None or not teacher.get("checkpoint"):
       raise ValueError("config.distill.stage='distill' needs config.distill.teacher with a "
                        "model name and its checkpoint")
-    teacher_config = ml_collections.ConfigDict({"model": {
-        k: v for k, v in teacher.to_dict().items() if k != "checkpoint"}})
-    teacher_model = train_lib.create_model(teacher_config, dict(dataset.model_kwargs))
+    teacher_model = models.from_config(
+        {k: v for k, v in teacher.to_dict().items() if k != "checkpoint"},
+        dict(dataset.model_kwargs))
     sample = tuple(jax.ShapeDtypeStruct((1, *dataset.example_spec[k][0]),
                                         dataset.example_spec[k][1]) for k in dataset.input_keys)
     abstract = jax.eval_shape(lambda *x: teacher_model.init(
         {"params": jax.random.key(0), "dropout": jax.random.key(0)}, *x, train=False), *sample)
     teacher_params = merge_params(abstract["params"], load_params(teacher.checkpoint))
-  trainable = d.get("trainable", "predictor" if d.stage == "recon" else "backbone")
-  pattern = d.get("predictor_pattern", "mask_predictor")
+  trainable, pattern = d.trainable, d.predictor_pattern
   param_labels(trainable, pattern)  # Validates ``trainable`` now.
   objective = Objective(
       model=model, stage=d.stage, input_keys=tuple(dataset.input_keys),
-      recon_weight=d.get("recon_weight", 0.01),
-      ce_weight=d.get("ce_weight", 0.0 if d.stage == "recon" else 1.0),
-      kl_weight=d.get("kl_weight", 0.5), token_weight=d.get("token_weight", 0.5),
-      temperature=d.get("temperature", 1.0), token_module=d.get("token_module", "norm"),
-      num_prefix_tokens=d.get("num_prefix_tokens", 1), teacher_model=teacher_model)
+      recon_weight=d.recon_weight, ce_weight=d.ce_weight, kl_weight=d.kl_weight,
+      token_weight=d.token_weight, temperature=d.temperature, token_module=d.token_module,
+      num_prefix_tokens=d.num_prefix_tokens, teacher_model=teacher_model)
   return Distillation(objective=objective,
                       wrap_optimizer=lambda tx: freeze(tx, trainable, pattern),
-                      init_checkpoint=d.get("init_checkpoint"), predictor_pattern=pattern,
-                      init_rename=dict(d.get("init_rename") or {}),
-                      teacher_params=teacher_params)
+                      init_checkpoint=d.init_checkpoint, predictor_pattern=pattern,
+                      init_rename=dict(d.init_rename or {}), teacher_params=teacher_params)
 

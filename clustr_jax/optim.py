@@ -26,9 +26,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
-
-from clustr_jax import defaults
-
 FACTORS = ("constant", "linear_warmup", "rsqrt_decay", "cosine_decay")
 
 
@@ -74,7 +71,7 @@ def create_optimizer(config: ml_collections.ConfigDict, wrap=None
   Reads ``learning_rate``, ``schedule`` (factor string), ``warmup_steps``, ``num_train_steps``
   (the cosine cycle), ``optimizer`` ('adamw' or 'sgd'), ``adam_b1``, ``adam_b2``, ``adam_eps``,
   ``weight_decay``, ``grad_clip_norm`` (None or <= 0: no clipping) and ``grad_accum_steps``
-  (> 1: ``optax.MultiSteps``); unset keys take ``clustr_jax.defaults``.
+  (> 1: ``optax.MultiSteps``), each documented in ``configs/default.py``.
 
   Raises:
     ValueError: unknown optimizer name or schedule factor, or ``grad_accum_steps`` < 1.
@@ -84,27 +81,26 @@ def create_optimizer(config: ml_collections.ConfigDict, wrap=None
   ``wrap`` (e.g. freezing and EMA from ``clustr_jax.distill``) wraps the clipped optimizer,
   inside gradient accumulation.
   """
-  config = defaults.with_defaults(config)
   if config.schedule == "timm_cosine":
     schedule = timm_cosine_schedule(
         config.learning_rate, config.warmup_steps,
-        config.num_train_steps - config.get("cooldown_steps", 0),
-        warmup_init_lr=config.get("warmup_init_lr", 0.0), min_lr=config.get("min_lr", 0.0))
+        config.num_train_steps - config.cooldown_steps,
+        warmup_init_lr=config.warmup_init_lr, min_lr=config.min_lr)
   else:
     schedule = create_learning_rate_schedule(
         config.schedule, config.learning_rate, config.warmup_steps,
-        config.get("steps_per_cycle") or config.num_train_steps - config.warmup_steps)
+        config.steps_per_cycle or config.num_train_steps - config.warmup_steps)
   if config.optimizer == "adamw":
-    skip = config.get("weight_decay_skip")
+    skip = config.weight_decay_skip
     tx = optax.adamw(schedule, b1=config.adam_b1, b2=config.adam_b2, eps=config.adam_eps,
                      weight_decay=config.weight_decay,
                      mask=None if skip is None else weight_decay_mask(tuple(skip)))
   elif config.optimizer == "sgd":
     tx = optax.chain(optax.add_decayed_weights(config.weight_decay),
-                     optax.sgd(schedule, momentum=config.get("momentum")))
+                     optax.sgd(schedule, momentum=config.momentum))
   else:
     raise ValueError(f"config.optimizer={config.optimizer!r} unknown; valid: adamw, sgd")
-  clip = config.get("grad_clip_norm")
+  clip = config.grad_clip_norm
   if clip is not None and clip > 0:
     tx = optax.chain(optax.clip_by_global_norm(clip), tx)
   if wrap is not None:

@@ -1,12 +1,12 @@
 """One training loop for every model and task, read top to bottom.
 
 ``train_and_evaluate(config, workdir)``:
-  defaults -> mesh -> validate -> data -> model + optimizer -> sharded state -> restore
+  mesh -> validate -> data -> model + optimizer -> sharded state -> restore
   -> step loop (log with MFU, check finiteness, eval, save, preemption) -> test -> ``results.json``.
 
-Everything it needs comes from ``config`` (an ``ml_collections.ConfigDict``, see
-``configs/lra/listops.py``; every optional train-loop key has its default and documentation in
-``clustr_jax/defaults.py``); nothing below reads flags or global state. The data come from
+Everything it needs comes from ``config`` (an ``ml_collections.ConfigDict`` built from the base
+config ``configs/default.py``, which documents every key; see ``configs/lra/listops.py``);
+nothing below reads flags or global state. The data come from
 ``clustr_jax.data.get(config, workdir)`` (a ``Dataset``: train iterator, eval batches, the model's
 input keys and data-given model defaults), so any dataset family plugs in there. Targets are class
 ids [batch] or target distributions [batch, classes]. The step is ``jax.jit`` with input/output
@@ -39,15 +39,17 @@ from tqdm import tqdm
 
 from clustr_jax import attention as attention_lib
 from clustr_jax import checkpointing
-from clustr_jax import defaults
+from clustr_jax import data as data_lib
+from clustr_jax import distill
+from clustr_jax import losses
 from clustr_jax import metrics as metrics_lib
 from clustr_jax import models
 from clustr_jax import optim
 from clustr_jax import profiling
 from clustr_jax import sharding
-from clustr_jax import data as data_lib
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+#: ``config.on_nonfinite`` values.
+NONFINITE_POLICIES = ("stop", "skip")
 
 
 @flax.struct.dataclass
@@ -76,20 +78,6 @@ def global_batch(local: dict[str, np.ndarray], mesh: jax.sharding.Mesh) -> dict[
 # ---------------------------------------------------------------------------------------------
 # Model, state and steps.
 # ---------------------------------------------------------------------------------------------
-def create_model(config: ml_collections.ConfigDict, model_kwargs: dict[str, Any]) -> nn.Module:
-  """The model of ``config.model`` (its ``name`` plus constructor options) for the dataset.
-
-  ``model_kwargs`` (``Dataset.model_kwargs``: e.g. vocab_size, num_classes, max_length) fill in
-  what ``config.model`` leaves unset.
-  """
-  kwargs = config.model.to_dict()
-  name = kwargs.pop("name")
-  kwargs["dtype"] = DTYPES[kwargs.get("dtype", "float32")]
-  for key, value in model_kwargs.items():
-    kwargs.setdefault(key, value)
-  return models.get(name, **kwargs)
-
-
 def create_train_state(model: nn.Module, tx: optax.GradientTransformation, rng: jax.Array,
                        *sample_inputs: jax.Array) -> TrainState:
   """Initial state with logically partitioned (boxed) parameters and optimizer state.
@@ -138,28 +126,6 @@ def jit_train_step(state_sharding: Any, mesh: jax.sharding.Mesh, *, donate: bool
   return jax.jit(functools.partial(train_step, **step_kwargs), in_shardings=in_shardings,
                  out_shardings=(state_sharding, sharding.replicated(mesh)),
                  donate_argnums=0 if donate else ())
-
-
-def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
-  """Per-example softmax cross-entropy -> float32 [batch].
-
-  Args:
-    logits: [batch, classes].
-    targets: int class ids [batch], or float target distributions [batch, classes] (one-hot,
-      label-smoothed or mixed, e.g. by mixup/cutmix).
-  """
-  logits = logits.astype(jnp.float32)
-  if targets.ndim == logits.ndim:
-    return optax.softmax_cross_entropy(logits, targets.astype(jnp.float32))
-  return optax.softmax_cross_entropy_with_integer_labels(logits, targets)
-
-
-def correct(logits: jax.Array, targets: jax.Array) -> jax.Array:
-  """float32 [batch]: 1 where the top logit is the target class (the top target class for
-  distributions), else 0."""
-  if targets.ndim == logits.ndim:
-    targets = jnp.argmax(targets, -1)
-  return (jnp.argmax(logits, -1) == targets).astype(jnp.float32)
 
 
 def split_micro_batches(batch: dict[str, jax.Array], num: int) -> dict[str, jax.Array]:
@@ -213,9 +179,9 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], teacher_params: A
         return objective(params, micro_batch, rngs, teacher_params)
       logits = model.apply({"params": params}, *(micro_batch[k] for k in input_keys),
                            train=True, rngs=rngs)
-      return cross_entropy(logits, micro_batch["targets"]).mean(), (logits, {})
+      return losses.cross_entropy(logits, micro_batch["targets"]).mean(), (logits, {})
     (loss, (logits, extra)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    return (loss, jnp.mean(correct(logits, micro_batch["targets"])), extra), grads
+    return (loss, jnp.mean(losses.correct(logits, micro_batch["targets"])), extra), grads
 
   opt_state = state.opt_state
   if grad_accum_steps == 1:
@@ -231,14 +197,14 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], teacher_params: A
       _, opt_state = tx.update(grads, opt_state, state.params)  # MultiSteps: zero updates.
       return opt_state, values
 
-    opt_state, (losses, accuracies, extras) = jax.lax.scan(
+    opt_state, (micro_losses, accuracies, extras) = jax.lax.scan(
         accumulate, opt_state, (jax.tree.map(lambda x: x[:-1], micro), jnp.arange(k - 1)))
     (loss, accuracy, extra), grads = micro_step(jax.tree.map(lambda x: x[-1], micro),
                                                 jax.random.fold_in(step_rng, k - 1))
     extra = jax.tree.map(lambda s, x: (jnp.sum(s) + x) / k, extras, extra)
     # The average MultiSteps is about to apply: its running mean of k - 1, plus the last.
     mean_grads = jax.tree.map(lambda g, a: a + (g - a) / k, grads, opt_state.acc_grads)
-    loss = (jnp.sum(losses) + loss) / k
+    loss = (jnp.sum(micro_losses) + loss) / k
     accuracy = (jnp.sum(accuracies) + accuracy) / k
   updates, opt_state = tx.update(grads, opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
@@ -267,8 +233,8 @@ def eval_step(params: Any, batch: dict[str, jax.Array], *, model: nn.Module,
   """Sums over a padded eval batch (``input_keys``, 'targets', 'weights'): loss, correct, count."""
   logits = model.apply({"params": params}, *(batch[k] for k in input_keys), train=False)
   weights = batch["weights"]
-  return {"loss": jnp.sum(cross_entropy(logits, batch["targets"]) * weights),
-          "correct": jnp.sum(correct(logits, batch["targets"]) * weights),
+  return {"loss": jnp.sum(losses.cross_entropy(logits, batch["targets"]) * weights),
+          "correct": jnp.sum(losses.correct(logits, batch["targets"]) * weights),
           "count": jnp.sum(weights)}
 
 
@@ -288,12 +254,12 @@ def evaluate(step_fn, params: Any, dataset: data_lib.Dataset, split: str, *, bat
 
 
 def validate_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None:
-  """Checks the config (with ``defaults`` applied) against the mesh and itself.
+  """Checks the config against the mesh and itself.
 
   Raises:
     ValueError: naming the key: unknown model or attention name (with the valid choices), batch
       sizes not divisible by the data-parallel size (times ``grad_accum_steps``) or the process
-      count, non-positive intervals, unknown dtype or ``on_nonfinite``, heads that do not divide
+      count, non-positive intervals, unknown ``on_nonfinite``, heads that do not divide
       ``qkv_dim``.
   """
   if config.model.name not in models.names():
@@ -302,9 +268,6 @@ def validate_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) 
   if "attention" in config.model and config.model.attention not in attention_lib.names():
     raise ValueError(f"config.model.attention={config.model.attention!r} unknown; valid: "
                      f"{', '.join(attention_lib.names())}")
-  if config.model.get("dtype", "float32") not in DTYPES:
-    raise ValueError(f"config.model.dtype={config.model.dtype!r} unknown; valid: "
-                     f"{', '.join(DTYPES)}")
   heads, qkv = config.model.get("num_heads"), config.model.get("qkv_dim")
   if heads and qkv and qkv % heads:
     raise ValueError(f"config.model.qkv_dim={qkv} must be divisible by "
@@ -325,9 +288,9 @@ def validate_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) 
   for key in ("num_train_steps", "log_every_steps", "eval_every_steps", "checkpoint_every_steps"):
     if config[key] < 1:
       raise ValueError(f"config.{key} must be >= 1; got {config[key]}")
-  if config.on_nonfinite not in defaults.NONFINITE_POLICIES:
+  if config.on_nonfinite not in NONFINITE_POLICIES:
     raise ValueError(f"config.on_nonfinite={config.on_nonfinite!r} unknown; valid: "
-                     f"{', '.join(defaults.NONFINITE_POLICIES)}")
+                     f"{', '.join(NONFINITE_POLICIES)}")
   if config.max_nonfinite_steps < 0:
     raise ValueError(f"config.max_nonfinite_steps must be >= 0; got {config.max_nonfinite_steps}")
 
@@ -375,7 +338,7 @@ def summarize(records: list[tuple[int, dict[str, float]]]) -> dict[str, float]:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
   """Trains ``config`` in ``workdir`` (resuming from its latest checkpoint) and tests at the end.
 
-  ``config`` gets the train-loop defaults of ``clustr_jax.defaults`` for every key it lacks.
+  ``config`` holds every key of ``configs/default.py`` (config files start from it).
 
   Returns:
     The contents of ``<workdir>/results.json``: test and final validation metrics, the config,
@@ -388,7 +351,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     FloatingPointError: a non-finite loss or gradient (``check_finite``).
   """
   start_time = time.time()
-  config = defaults.with_defaults(config)
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
 
@@ -408,17 +370,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
 
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
     # Model and optimizer.
-    model = create_model(config, dict(dataset.model_kwargs))
+    model = models.from_config(config.model, dataset.model_kwargs)
     # Distillation stages and model EMA (clustr_jax/distill.py): a loss, frozen parameters, a
     # teacher, an initial checkpoint; EMA averages the parameters inside the optimizer state.
     distillation, wrappers = None, []
-    if config.get("distill") or config.get("ema_decay"):
-      from clustr_jax import distill  # pylint: disable=g-import-not-at-top  (imports train)
-      if config.get("distill"):
-        distillation = distill.setup(config, model, dataset)
-        wrappers.append(distillation.wrap_optimizer)
-      if config.get("ema_decay"):
-        wrappers.append(lambda tx: optax.chain(tx, distill.model_ema(config.ema_decay)))
+    if config.distill:
+      distillation = distill.setup(config, model, dataset)
+      wrappers.append(distillation.wrap_optimizer)
+    if config.ema_decay:
+      wrappers.append(lambda tx: optax.chain(tx, distill.model_ema(config.ema_decay)))
     tx, schedule = optim.create_optimizer(
         config, wrap=lambda tx: functools.reduce(lambda t, w: w(t), wrappers, tx))
     rng = jax.random.key(config.seed)
@@ -538,7 +498,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     test_metrics = run_eval(state.params, split="test")
     writer.write(final_step, "test", test_metrics)
     ema_metrics = {}
-    if config.get("ema_decay"):
+    if config.ema_decay:
       ema = distill.ema_params(state.opt_state)
       ema_metrics = {"val_ema": run_eval(ema, split="val"), "test_ema": run_eval(ema, split="test")}
       writer.write(final_step, "test_ema", ema_metrics["test_ema"])

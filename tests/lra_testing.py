@@ -3,7 +3,7 @@
 import json
 import pathlib
 
-from clustr_jax import config_utils
+from configs import common as config_common
 from clustr_jax import train
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -12,7 +12,7 @@ DATA = REPO / "tests" / "data"
 
 def run_two_steps(spec: str, data_dir: pathlib.Path, workdir: pathlib.Path, **dataset) -> dict:
   """Loads ``configs/lra/<spec>``, shrinks the model and batch, trains 2 steps; results.json."""
-  config = config_utils.load(f"{REPO}/configs/lra/{spec}")
+  config = config_common.load(f"{REPO}/configs/lra/{spec}")
   config.dataset.data_dir = str(data_dir)
   config.dataset.update(dataset)
   config.model.update(emb_dim=16, num_heads=2, qkv_dim=16, mlp_dim=16, num_layers=1)

@@ -13,8 +13,10 @@ import orbax.checkpoint as ocp
 import pytest
 
 from clustr_jax import distill
+from clustr_jax import losses
 from clustr_jax import models
 from clustr_jax import sharding
+from configs import default
 
 
 def _log_softmax(x):
@@ -28,11 +30,11 @@ def test_kl_and_token_mse_match_numpy():
   for temperature in (1.0, 2.0):
     log_s, log_t = _log_softmax(student / temperature), _log_softmax(teacher / temperature)
     expected = (np.exp(log_t) * (log_t - log_s)).sum() / 4 * temperature ** 2
-    np.testing.assert_allclose(distill.kl_teacher_student(student, teacher, temperature),
+    np.testing.assert_allclose(losses.kl_teacher_student(student, teacher, temperature),
                                expected, rtol=1e-5)
-  assert float(distill.kl_teacher_student(student, student)) == pytest.approx(0.0, abs=1e-6)
+  assert float(losses.kl_teacher_student(student, student)) == pytest.approx(0.0, abs=1e-6)
   a, b = rng.normal(size=(2, 3, 5, 7))
-  np.testing.assert_allclose(distill.token_mse(a, b), ((a - b) ** 2).mean(), rtol=1e-5)
+  np.testing.assert_allclose(losses.token_mse(a, b), ((a - b) ** 2).mean(), rtol=1e-5)
 
 
 def test_recon_loss_sums_per_layer_and_averages_layers():
@@ -44,9 +46,9 @@ def test_recon_loss_sums_per_layer_and_averages_layers():
     dense = rng.random((2, 3, 5, 5)).astype(np.float32)         # [B, H, N, N]
     inter[f"blocks_{i}"] = {"attn": {"approx_attn": (approx,), "unmasked_attn": (dense,)}}
     expected.append(((approx - dense[:, :, 1:, :]) ** 2).sum())
-  np.testing.assert_allclose(distill.recon_loss(inter), np.mean(expected), rtol=1e-5)
+  np.testing.assert_allclose(losses.recon_loss(inter), np.mean(expected), rtol=1e-5)
   with pytest.raises(ValueError, match="recon_mode=True"):
-    distill.recon_loss({"blocks_0": {"attn": {"approx_attn": (np.zeros((1, 1, 1, 2)),)}}})
+    losses.recon_loss({"blocks_0": {"attn": {"approx_attn": (np.zeros((1, 1, 1, 2)),)}}})
 
 
 def _params():
@@ -142,8 +144,11 @@ def test_recon_objective_trains_only_the_predictor():
   model = _tiny_sparsifiner()
   images = jax.random.normal(jax.random.key(0), (2, 64, 64, 3))
   params = model.init({"params": jax.random.key(1)}, images, train=False)["params"]
+  d = default.distill_config("recon")
+  weights = ("recon_weight", "ce_weight", "kl_weight", "token_weight", "temperature",
+             "token_module", "num_prefix_tokens")
   objective = distill.Objective(model=model, stage="recon", input_keys=("images",),
-                                ce_weight=0.0)
+                                **{k: d[k] for k in weights})
   batch = {"images": images, "targets": jnp.array([0, 1])}
   rngs = {"dropout": jax.random.key(2), "clustering": jax.random.key(3)}
   (loss, (logits, metrics)), grads = jax.value_and_grad(objective, has_aux=True)(
@@ -168,7 +173,8 @@ def test_setup_errors_name_the_key():
     example_spec = {"images": ((64, 64, 3), np.float32)}
     model_kwargs = {"num_classes": 4}
 
-  config = ml_collections.ConfigDict({"distill": {"stage": "joint"}})
+  config = ml_collections.ConfigDict({"distill": default.distill_config("distill")})
+  config.distill.stage = "joint"
   with pytest.raises(ValueError, match="config.distill.stage='joint'"):
     distill.setup(config, model, Data())
   config.distill.stage = "distill"

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from clustr_jax import config_utils
+from configs import common as config_common
 from clustr_jax import data as data_lib
 from clustr_jax import models
 from clustr_jax.data import cifar
@@ -42,7 +42,7 @@ def test_grayscale_is_tf_formula():
 
 
 def test_binary_splits_and_tokens():
-  config = config_utils.load(f"{REPO}/configs/lra/image.py:cpu")
+  config = config_common.load(f"{REPO}/configs/lra/image.py:cpu")
   config.dataset.data_dir = str(CIFAR)
   dataset = data_lib.get(config, "/unused")
   assert dataset.model_kwargs == {"vocab_size": 256, "num_classes": 10, "max_length": 1024}
@@ -105,7 +105,7 @@ def test_pixel_zero_is_padding_quirk():
 
 
 def test_configs_official_values_and_two_steps(tmp_path):
-  official = config_utils.load(f"{REPO}/configs/lra/image.py")
+  official = config_common.load(f"{REPO}/configs/lra/image.py")
   model = official.model
   assert (model.num_layers, model.emb_dim, model.num_heads, model.qkv_dim, model.mlp_dim) == (
       1, 128, 8, 64, 128)

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from clustr_jax import config_utils
+from configs import common as config_common
 from clustr_jax import data as data_lib
 from clustr_jax import models
 from clustr_jax.data import retrieval
@@ -78,7 +78,7 @@ def test_missing_files_and_empty_file(tmp_path):
 
 
 def test_pair_batches_keep_documents_together():
-  config = config_utils.load(f"{REPO}/configs/lra/retrieval.py:cpu")
+  config = config_common.load(f"{REPO}/configs/lra/retrieval.py:cpu")
   config.dataset.data_dir = str(AAN)
   dataset = data_lib.get(config, "/unused")
   assert dataset.input_keys == ("inputs1", "inputs2")
@@ -133,7 +133,7 @@ def test_dual_encoder_is_one_shared_encoder_and_the_lra_head(interaction):
 
 
 def test_configs_official_values_and_two_steps(tmp_path):
-  official = config_utils.load(f"{REPO}/configs/lra/retrieval.py")
+  official = config_common.load(f"{REPO}/configs/lra/retrieval.py")
   assert official.model.name == "lra_dual_encoder"
   assert (official.model.num_layers, official.model.emb_dim, official.model.mlp_dim) == (4, 128,
                                                                                           512)

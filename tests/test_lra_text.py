@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from clustr_jax import config_utils
+from configs import common as config_common
 from clustr_jax import data as data_lib
 from clustr_jax.data import text
 
@@ -46,7 +46,7 @@ def test_read_aclimdb_real_reviews():
 
 
 def test_load_dataset_validates_on_test_like_lra():
-  config = config_utils.load(f"{REPO}/configs/lra/text.py:cpu")
+  config = config_common.load(f"{REPO}/configs/lra/text.py:cpu")
   config.dataset.data_dir = str(DATA / "imdb")  # The parent of aclImdb works too.
   dataset = data_lib.get(config, "/unused")
   assert dataset.input_keys == ("inputs",)
@@ -100,14 +100,14 @@ def test_tfds_source(monkeypatch):
 
 
 def test_configs_official_values_and_two_steps(tmp_path):
-  official = config_utils.load(f"{REPO}/configs/lra/text.py")
+  official = config_common.load(f"{REPO}/configs/lra/text.py")
   assert (official.model.num_layers, official.model.emb_dim, official.model.mlp_dim) == (4, 256,
                                                                                           1024)
   assert official.dataset.max_length == 1000 and official.num_train_steps == 20_000
   assert official.warmup_steps == 8_000 and official.model.cls_mask_from_first_token
-  assert config_utils.load(f"{REPO}/configs/lra/text.py:max_length=4000").dataset.max_length == 4000
+  assert config_common.load(f"{REPO}/configs/lra/text.py:max_length=4000").dataset.max_length == 4000
   for name in ("clustr", "cast", "sparsifiner"):
-    config = config_utils.load(f"{REPO}/configs/lra/text.py:cpu,attention={name}")
+    config = config_common.load(f"{REPO}/configs/lra/text.py:cpu,attention={name}")
     assert config.model.attention == name and config.model.attention_kwargs
   results = run_two_steps("text.py:cpu", DATA / "imdb", tmp_path, max_length=64)
   assert results["test"]["num_examples"] == results["val"]["num_examples"] == 10

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from clustr_jax import models
 from clustr_jax import optim
 from clustr_jax import sharding
 from clustr_jax import train
@@ -27,14 +28,14 @@ CHILD = """
 import json, sys
 sys.path.insert(0, {tests!r})
 import jax
-from clustr_jax import defaults, distributed, train
+from clustr_jax import distributed, train
 import test_multihost
 port, process_id, workdir = sys.argv[1:]
 config = test_multihost.loop_config(workdir)
 config.update(distributed_init=True, distributed_coordinator_address="127.0.0.1:" + port,
               distributed_num_processes=2, distributed_process_id=int(process_id),
               distributed_timeout_s=120)
-distributed.maybe_initialize(defaults.with_defaults(config))
+distributed.maybe_initialize(config)
 assert jax.process_count() == 2 and jax.device_count() == 8, jax.devices()
 loss, checksum = test_multihost.two_steps()
 results = train.train_and_evaluate(config, workdir)
@@ -54,7 +55,7 @@ def two_steps():
   """(loss of the 2nd step, sum |params| after it) of a fixed global batch of 16 on ``MESH`` over
   all devices of all processes; each process feeds only the rows its devices hold."""
   config = tiny_config()
-  model = train.create_model(config, {"vocab_size": 17, "num_classes": 10, "max_length": 32})
+  model = models.from_config(config.model, {"vocab_size": 17, "num_classes": 10, "max_length": 32})
   tx, schedule = optim.create_optimizer(config)
   rng = np.random.default_rng(0)
   batch = {"inputs": rng.integers(1, 17, (16, 32)).astype(np.int32),

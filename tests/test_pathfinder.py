@@ -12,8 +12,9 @@ import pytest
 from PIL import Image
 from scipy import ndimage
 
-from clustr_jax import config_utils
+from configs import common as config_common
 from clustr_jax import data as data_lib
+from clustr_jax import models
 from clustr_jax import optim
 from clustr_jax import train
 from clustr_jax.data import pathfinder
@@ -243,25 +244,25 @@ def test_cli_writes_a_set(tmp_path, capsys):
 # Configs.
 # ---------------------------------------------------------------------------------------------
 def test_official_configs():
-  pf = config_utils.load(f"{REPO}/configs/lra/pathfinder.py")
+  pf = config_common.load(f"{REPO}/configs/lra/pathfinder.py")
   assert (pf.model.num_layers, pf.model.emb_dim, pf.model.num_heads, pf.model.qkv_dim,
           pf.model.mlp_dim, pf.model.pooling, pf.batch_size, pf.num_train_steps,
           pf.learning_rate, pf.warmup_steps, pf.weight_decay) == (
               4, 32, 4, 16, 32, "MEAN", 512, 62_400, 1e-3, 312, 0.0)
   assert pf.dataset.max_length == 1024 and pf.dataset.generator.contour_length == 14
-  px = config_utils.load(f"{REPO}/configs/lra/pathx.py:attention=cast")
+  px = config_common.load(f"{REPO}/configs/lra/pathx.py:attention=cast")
   assert (px.model.num_layers, px.model.num_heads, px.model.learned_position_embedding,
           px.batch_size, px.grad_clip_norm, px.dataset.max_length) == (1, 2, True, 64, 1.0, 16384)
   assert px.model.attention == "cast" and px.model.attention_kwargs["num_clusters"] == 128
   with pytest.raises(ValueError, match="difficulty='medium'"):
-    config_utils.load(f"{REPO}/configs/lra/pathfinder.py:difficulty=medium")
+    config_common.load(f"{REPO}/configs/lra/pathfinder.py:difficulty=medium")
 
 
 @pytest.mark.parametrize("spec", ["pathfinder.py:cpu", "pathx.py:cpu"])
 def test_config_trains_two_steps(tmp_path, spec):
   """The data the config names (rendered into the workdir), its model and optimiser: two train
   steps (the loop itself is tested in test_train.py)."""
-  config = config_utils.load(f"{REPO}/configs/lra/{spec}")
+  config = config_common.load(f"{REPO}/configs/lra/{spec}")
   config.dataset.generator.update(num_images=40, workers=0)
   config.model.update(emb_dim=16, num_heads=2, qkv_dim=16, mlp_dim=16)
   config.warmup_steps = 1
@@ -271,7 +272,7 @@ def test_config_trains_two_steps(tmp_path, spec):
   assert dict(dataset.model_kwargs) == {"vocab_size": 256, "num_classes": 2,
                                         "max_length": side * side}
   assert dataset.example_spec["inputs"] == ((side * side,), np.uint8)
-  model = train.create_model(config, dict(dataset.model_kwargs))
+  model = models.from_config(config.model, dict(dataset.model_kwargs))
   tx, schedule = optim.create_optimizer(config)
   batches = dataset.train_iterator(batch_size=8, seed=0)
   first = next(batches)

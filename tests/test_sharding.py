@@ -9,6 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from clustr_jax import losses
+from clustr_jax import models
 from clustr_jax import optim
 from clustr_jax import sharding
 from clustr_jax import train
@@ -30,7 +32,7 @@ def setup():
   """(config, model, boxed abstract state, initial state on one device, batch): one init for all
   meshes; each mesh gets the same parameters with its own sharding."""
   config = tiny_config()
-  model = train.create_model(config, MODEL_KWARGS)
+  model = models.from_config(config.model, MODEL_KWARGS)
   tx, _ = optim.create_optimizer(config)
   init_fn = functools.partial(train.create_train_state, model, tx)
   sample = jnp.zeros((8, 32), jnp.int32)
@@ -49,7 +51,7 @@ def loss_and_grads(setup, mesh):
     def loss_fn(params, batch):
       logits = model.apply({"params": params}, batch["inputs"], train=True,
                            rngs={"dropout": jax.random.key(1), "clustering": jax.random.key(2)})
-      return train.cross_entropy(logits, batch["targets"]).mean()
+      return losses.cross_entropy(logits, batch["targets"]).mean()
 
     grad_fn = jax.jit(jax.value_and_grad(loss_fn),
                       in_shardings=(params_sharding, sharding.batch_sharding(mesh)),
@@ -111,9 +113,9 @@ def test_bfloat16_compute_keeps_float32_parameters_and_optimizer_state(setup):
   batch = {k: jnp.asarray(v) for k, v in batch.items()}
   config = config.copy_and_resolve_references()
   config.model.update(dropout_rate=0.0, attention_dropout_rate=0.0)
-  model32 = train.create_model(config, MODEL_KWARGS)
+  model32 = models.from_config(config.model, MODEL_KWARGS)
   config.model.dtype = "bfloat16"
-  model = train.create_model(config, MODEL_KWARGS)
+  model = models.from_config(config.model, MODEL_KWARGS)
   _, intermediates = jax.eval_shape(functools.partial(model.apply, capture_intermediates=True),
                                     {"params": state.params}, batch["inputs"])
   fc1_out = intermediates["intermediates"]["encoder"]["block_0"]["mlp"]["fc1"]["__call__"][0]
@@ -134,7 +136,7 @@ def test_bfloat16_compute_keeps_float32_parameters_and_optimizer_state(setup):
 def test_shapes_that_do_not_divide_the_mesh_name_the_key():
   config = tiny_config()
   config.model.update(num_heads=1, qkv_dim=16)
-  model = train.create_model(config, MODEL_KWARGS)
+  model = models.from_config(config.model, MODEL_KWARGS)
   tx, _ = optim.create_optimizer(config)
   mesh = sharding.create_mesh(4, 1, 2)
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
@@ -152,7 +154,7 @@ def test_gradient_accumulation_matches_the_large_batch_with_clipping(setup):
   config.model.update(dropout_rate=0.0, attention_dropout_rate=0.0)
   config.update(optimizer="sgd", weight_decay=0.0, grad_clip_norm=0.5, learning_rate=1.0,
                 schedule="constant")
-  model = train.create_model(config, MODEL_KWARGS)
+  model = models.from_config(config.model, MODEL_KWARGS)
   results = []
   for k in (1, 4):
     config.grad_accum_steps = k

@@ -5,6 +5,8 @@ Exact resume after SIGKILL/SIGTERM is tested step by step in test_resume.py.
 
 import json
 import pathlib
+import subprocess
+import sys
 
 import flax.linen as nn
 import jax
@@ -12,8 +14,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from clustr_jax import config_utils
+from configs import common as config_common
 from clustr_jax import data as data_lib
+from clustr_jax import losses
+from clustr_jax import models
 from clustr_jax import optim
 from clustr_jax import profiling
 from clustr_jax import sharding
@@ -23,7 +27,7 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 
 
 def tiny_config(num_train_steps=4):
-  config = config_utils.load(f"{REPO}/configs/lra/listops.py:cpu")
+  config = config_common.load(f"{REPO}/configs/lra/listops.py:cpu")
   config.dataset.max_length = 32
   config.dataset.generator.update(num_train=96, num_val=20, num_test=20, min_length=5,
                                   max_length=30)
@@ -41,7 +45,7 @@ def tiny_config(num_train_steps=4):
 
 def test_step_on_1_and_8_devices_gives_the_same_loss():
   config = tiny_config()
-  model = train.create_model(config, {"vocab_size": 17, "num_classes": 10, "max_length": 32})
+  model = models.from_config(config.model, {"vocab_size": 17, "num_classes": 10, "max_length": 32})
   tx, schedule = optim.create_optimizer(config)
   rng = np.random.default_rng(0)
   batch = {"inputs": rng.integers(0, 17, (8, 32)).astype(np.int32),
@@ -113,9 +117,9 @@ def test_soft_targets_match_class_ids():
   logits = jnp.asarray(np.random.default_rng(0).normal(size=(4, 5)), jnp.float32)
   ids = jnp.asarray([0, 3, 4, 1])
   one_hot = jax.nn.one_hot(ids, 5)
-  np.testing.assert_allclose(train.cross_entropy(logits, one_hot),
-                             train.cross_entropy(logits, ids), rtol=1e-6)
-  np.testing.assert_array_equal(train.correct(logits, one_hot), train.correct(logits, ids))
+  np.testing.assert_allclose(losses.cross_entropy(logits, one_hot),
+                             losses.cross_entropy(logits, ids), rtol=1e-6)
+  np.testing.assert_array_equal(losses.correct(logits, one_hot), losses.correct(logits, ids))
 
 
 def test_dataset_errors_name_the_problem(tmp_path):
@@ -227,22 +231,19 @@ def test_skipping_stops_after_max_nonfinite_steps():
   train.check_finite(records, config, Ckpt)
 
 
-def test_command_line_accepts_defaults_missing_from_the_file_and_rejects_typos():
-  from absl import app  # pylint: disable=g-import-not-at-top
-  from clustr_jax import main  # pylint: disable=g-import-not-at-top
-  file_config = tiny_config(2)
-  del file_config["grad_clip_norm"]
-  main.check_overrides(file_config, {"grad_accum_steps": 4, "grad_clip_norm": 1.0,
-                                     "model.dtype": "bfloat16", "mesh.fsdp": 2}, "x.py")
-  with pytest.raises(app.UsageError, match=r"--config.grad_acum_steps: unknown config key "
-                                           r"\(not in x.py"):
-    main.check_overrides(file_config, {"grad_acum_steps": 4}, "x.py")
-  with pytest.raises(app.UsageError, match=r"--config.model.bogus: unknown"):
-    main.check_overrides(file_config, {"model.bogus": 1}, "x.py")
-  config = train.defaults.with_defaults(file_config)
-  assert config.grad_accum_steps == 1 and config.on_nonfinite == "stop"
-  assert config.grad_clip_norm is None and config.mesh.to_dict() == dict(data=-1, fsdp=1, model=1)
-  assert "grad_accum_steps" not in file_config  # The config itself is unchanged.
+def test_loop_keys_override_and_a_mistyped_key_fails_at_load(tmp_path):
+  config = tiny_config(2)
+  config.grad_accum_steps = 4  # Every loop key is in the (locked) config: overrides work.
+  config.mesh.fsdp = 2
+  config.model.dtype = "bfloat16"
+  assert config.on_nonfinite == "stop" and config.grad_clip_norm is None
+  run = subprocess.run(
+      [sys.executable, "-m", "clustr_jax.main", "--config=configs/lra/listops.py:cpu",
+       "--config.grad_acum_steps=4", f"--workdir={tmp_path}"],
+      capture_output=True, text=True, cwd=tmp_path, timeout=120)
+  assert run.returncode != 0
+  assert 'Did you mean "grad_accum_steps"' in run.stderr
+  assert not (tmp_path / "checkpoints").exists()
 
 
 def test_peak_flops_and_mfu():

@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from clustr_jax import config_utils
+from configs import common as config_common
 from clustr_jax import distill
 from clustr_jax import train
 
@@ -20,7 +20,7 @@ TINY_VIT = dict(depth=1, embed_dim=48, num_heads=3)
 
 
 def _config(spec: str, **model):
-  config = config_utils.load(f"{REPO}/configs/imagenet/{spec}")
+  config = config_common.load(f"{REPO}/configs/imagenet/{spec}", lock=False)  # Tiny models.
   config.dataset.data_dir = str(FOLDER)
   config.batch_size = 8
   config.eval_batch_size = 8

@@ -2,7 +2,9 @@
 
 Every mechanism is a Flax Linen module called as ``module(x, mask=None, *, deterministic=True)``
 with x [batch, length, features] and mask bool [batch, length] (True = real token), constructed
-with at least ``num_heads`` and ``qkv_features`` (see ``base``). ``get(name)`` returns the class.
+with at least ``num_heads`` and ``qkv_features`` (see ``base``), and states its own settings for
+where it runs with the classmethod ``sized_for(length, *, grid=None, cls_token=None,
+sr_ratio=None) -> dict`` (see ``sized_for`` below). ``get(name)`` returns the class.
 
   dense        full softmax attention (``dense.py``)
   clustr       ClusTR clustering-guided multi-scale attention, Xie et al. 2022 (``clustr.py``)
@@ -10,28 +12,43 @@ with at least ``num_heads`` and ``qkv_features`` (see ``base``). ``get(name)`` r
   sparsifiner  Sparsifiner predicted top-k sparse attention, Wei et al. CVPR 2023
                (``sparsifiner.py``)
 
-Adding a mechanism: one file here and one line in ``_REGISTRY``; the shared contract tests in
-``tests/test_attention_contract.py`` then run on it.
+This registry is the only list of mechanism names: configs and models ask it. Adding a mechanism
+is one file here and one line in ``_REGISTRY`` (``docs/adding_a_mechanism.md``); the contract
+tests (``tests/test_attention_contract.py``) and every config file then run with it.
 """
 
 from __future__ import annotations
 
 import importlib
+from typing import Any
 
 import flax.linen as nn
 
-# name -> (module, class). Imported lazily, so a mechanism's import cost is paid only when used.
-_REGISTRY: dict[str, tuple[str, str]] = {
-    "dense": ("clustr_jax.attention.dense", "DenseAttention"),
-    "clustr": ("clustr_jax.attention.clustr", "ClusTRAttention"),
-    "cast": ("clustr_jax.attention.cast", "CASTAttention"),
-    "sparsifiner": ("clustr_jax.attention.sparsifiner", "SparsifinerAttention"),
+# name -> "module:Class". Imported lazily, so a mechanism's import cost is paid only when used.
+_REGISTRY: dict[str, str] = {
+    "dense": "clustr_jax.attention.dense:DenseAttention",
+    "clustr": "clustr_jax.attention.clustr:ClusTRAttention",
+    "cast": "clustr_jax.attention.cast:CASTAttention",
+    "sparsifiner": "clustr_jax.attention.sparsifiner:SparsifinerAttention",
 }
 
 
 def names() -> tuple[str, ...]:
   """The registered mechanism names."""
   return tuple(_REGISTRY)
+
+
+def register(name: str, target: str | type[nn.Module]) -> None:
+  """Registers ``target`` (a class, or ``'module:Class'``) under ``name`` for this process, as a
+  line in ``_REGISTRY`` does (for notebooks and tests; a mechanism of the package belongs in
+  ``_REGISTRY``).
+
+  Raises:
+    ValueError: ``name`` is already registered.
+  """
+  if name in _REGISTRY:
+    raise ValueError(f"attention {name!r} is already registered ({_REGISTRY[name]})")
+  _REGISTRY[name] = target
 
 
 def get(name: str) -> type[nn.Module]:
@@ -42,5 +59,32 @@ def get(name: str) -> type[nn.Module]:
   """
   if name not in _REGISTRY:
     raise ValueError(f"unknown attention {name!r}; valid choices: {', '.join(_REGISTRY)}")
-  module_name, class_name = _REGISTRY[name]
+  target = _REGISTRY[name]
+  if not isinstance(target, str):
+    return target
+  module_name, class_name = target.split(":")
   return getattr(importlib.import_module(module_name), class_name)
+
+
+def sized_for(name: str, length: int, *, grid: tuple[int, int] | None = None,
+              cls_token: bool | None = None, sr_ratio: int | None = None) -> dict[str, Any]:
+  """The settings (constructor keywords) mechanism ``name`` chooses for where it runs.
+
+  Args:
+    name: a registered mechanism.
+    length: tokens N the module sees (a CLS token included).
+    grid: None for a 1-D sequence (e.g. an LRA task), or (h, w) image patches of a ViT or of a
+      pyramid stage.
+    cls_token: whether the first token is a CLS token (None: not stated; the module's default).
+    sr_ratio: the spatial-reduction ratio of a ClusTR-pyramid stage (None: not in a pyramid).
+
+  Returns:
+    A dict of the mechanism's own constructor keywords; options given in a config
+    (``attention_kwargs``) override them.
+
+  Raises:
+    ValueError: unknown ``name``, or ``length`` < 1.
+  """
+  if length < 1:
+    raise ValueError(f"attention.sized_for({name!r}): length must be >= 1; got {length}")
+  return dict(get(name).sized_for(length, grid=grid, cls_token=cls_token, sr_ratio=sr_ratio))

@@ -94,6 +94,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -496,6 +497,22 @@ class CASTAttention(nn.Module):
   combination: str = "weighted"
   shared_surrogates: bool = False
   surrogate_init_stddev: float = 0.02
+
+  @classmethod
+  def sized_for(cls, length: int, *, grid: tuple[int, int] | None = None,
+                cls_token: bool | None = None, sr_ratio: int | None = None) -> dict[str, Any]:
+    """Settings for ``length`` tokens (see ``clustr_jax.attention.sized_for``): N_c ~ sqrt(N)
+    clusters (a multiple of 8 for a 1-D sequence, for the accelerators' tiles) of
+    kappa = ceil(N / N_c) slots, so N_c kappa >= N: enough slots for every token. With the
+    default Top-K clustering the clusters may overlap, so this bounds the slots, not coverage.
+    """
+    del cls_token, sr_ratio
+    if grid is None:
+      num_clusters = max(1, int(round(length ** 0.5 / 8)) * 8)
+      return {"num_clusters": num_clusters,
+              "cluster_size": min(length, -(-length // num_clusters))}
+    num_clusters = max(1, int(round(length ** 0.5)))
+    return {"num_clusters": num_clusters, "cluster_size": -(-length // num_clusters)}
 
   def _check_settings(self, length: int) -> None:
     for option, valid in CHOICES.items():

@@ -88,7 +88,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import NamedTuple, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import flax.linen as nn
 import jax
@@ -453,8 +453,9 @@ class ClusTRAttention(nn.Module):
     sr_ratio: only sets the default num_clusters (the pyramid's stages 1-3 use 8, 4, 2).
     knn_k: neighbours for the local density, self included (official 5).
     density_noise: add the official 1e-6 U(0,1) tie-break noise to the density, drawn from the
-      rng stream 'clustering' (falls back to 'params' at init); ``deterministic`` does not switch
-      it off.
+      rng stream 'clustering' (falls back to 'params' at init): True always (``deterministic``
+      does not switch it off), 'train' only when ``deterministic`` is False (the pyramid's
+      setting: ``train=False`` is then deterministic), False never.
     distance_chunk_size: rows of the N x N distance matrix computed at once (None = all);
       bounds the clustering memory by O(B N chunk) without changing the result.
     merge_eps: the merge denominator's epsilon (official 1e-6).
@@ -467,7 +468,7 @@ class ClusTRAttention(nn.Module):
   Raises:
     ValueError: a mask of the wrong shape, heads that do not divide qkv_features, a num_clusters
       entry outside [1, N] (also when the default gives 0 clusters), knn_k outside [1, N],
-      distance_chunk_size < 1, sr_ratio < 1, or merge_eps < 0.
+      distance_chunk_size < 1, sr_ratio < 1, merge_eps < 0, or an unknown density_noise.
   """
   num_heads: int
   qkv_features: int | None = None
@@ -479,15 +480,38 @@ class ClusTRAttention(nn.Module):
   num_clusters: Sequence[int] | None = None
   sr_ratio: int = 2
   knn_k: int = 5
-  density_noise: bool = False
+  density_noise: bool | str = False
   distance_chunk_size: int | None = None
   merge_eps: float = 1e-6
+
+  @classmethod
+  def sized_for(cls, length: int, *, grid: tuple[int, int] | None = None,
+                cls_token: bool | None = None, sr_ratio: int | None = None) -> dict[str, Any]:
+    """Settings for ``length`` tokens (see ``clustr_jax.attention.sized_for``).
+
+    A pyramid stage (``sr_ratio`` given): the official clusters (N // sr^2, 4 (N // sr^2)) from
+    the actual N and the official density tie-break noise while training. A ViT grid: two
+    scales (M, 4M) with M = N // 4, as the pyramid's third stage (sr 2: 49 and 196 clusters at
+    197 tokens). A 1-D sequence (LRA): M = N // 16 (125 and 500 clusters at 2,001 tokens) and
+    the distance matrix in chunks of 512 rows.
+    """
+    del cls_token
+    if sr_ratio is not None:
+      return {"sr_ratio": sr_ratio, "density_noise": "train"}
+    m = max(1, length // (4 if grid is not None else 16))
+    settings: dict[str, Any] = {"num_clusters": (m, min(4 * m, length))}
+    if grid is None:
+      settings["distance_chunk_size"] = 512
+    return settings
 
   def _scales(self, length: int) -> tuple[int, ...]:
     if self.sr_ratio < 1:
       raise ValueError(f"{_NAME}: sr_ratio must be >= 1; got {self.sr_ratio}")
     if self.merge_eps < 0:
       raise ValueError(f"{_NAME}: merge_eps must be >= 0; got {self.merge_eps}")
+    if self.density_noise not in (False, True, "train"):
+      raise ValueError(f"{_NAME}: density_noise must be False, True or 'train'; got "
+                       f"{self.density_noise!r}")
     if self.num_clusters is None:
       scales = default_num_clusters(length, self.sr_ratio)
       if scales[0] < 1 or scales[1] > length:
@@ -516,7 +540,8 @@ class ClusTRAttention(nn.Module):
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (None,)),
         name="weight_layer")(x.astype(jnp.float32))[..., 0]                # [B, N] = log w
 
-    noise_rng = self.make_rng("clustering") if self.density_noise else None
+    noise = self.density_noise is True or (self.density_noise == "train" and not deterministic)
+    noise_rng = self.make_rng("clustering") if noise else None
     clusters = dpc_knn_cluster(x, mask, num_clusters, knn_k=self.knn_k,
                                chunk_size=self.distance_chunk_size, noise_rng=noise_rng,
                                name=_NAME)

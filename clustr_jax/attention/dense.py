@@ -12,6 +12,8 @@ scale 1/sqrt(qkv_dim / num_heads), attention dropout not broadcast).
 
 from __future__ import annotations
 
+from typing import Any
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -67,6 +69,14 @@ class DenseAttention(nn.Module):
   implementation: str | None = None
   dtype: base.Dtype = jnp.float32
   param_dtype: base.Dtype = jnp.float32
+
+  @classmethod
+  def sized_for(cls, length: int, *, grid: tuple[int, int] | None = None,
+                cls_token: bool | None = None, sr_ratio: int | None = None) -> dict[str, Any]:
+    """Settings for a sequence of ``length`` tokens (see ``clustr_jax.attention.sized_for``):
+    none, full attention has nothing to size."""
+    del length, grid, cls_token, sr_ratio
+    return {}
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array | None = None, *,

@@ -97,6 +97,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -385,6 +386,26 @@ class SparsifinerAttention(nn.Module):
   token_keep_rate: float = 1.0
   dtype: base.Dtype = jnp.float32
   param_dtype: base.Dtype = jnp.float32
+
+  @classmethod
+  def sized_for(cls, length: int, *, grid: tuple[int, int] | None = None,
+                cls_token: bool | None = None, sr_ratio: int | None = None) -> dict[str, Any]:
+    """Settings for ``length`` tokens (see ``clustr_jax.attention.sized_for``), keep rate 0.25.
+
+    An image grid: the released configuration, n_down = N // 6 and c = d // 2 (for short
+    sequences, N < 48, a smaller factor keeps n_down >= basis_topk = 8), the CLS row as stated
+    by ``cls_token``. A 1-D sequence (LRA): n_down = N // (N // 32) ~ 32, so the predictor's
+    [N, n_down] projections stay small at long N.
+    """
+    del sr_ratio
+    if grid is None:
+      settings: dict[str, Any] = {"keep_rate": 0.25, "reduce_n_factor": max(1, length // 32)}
+    else:
+      factor = 6 if length // 6 >= 8 else max(1, length // 8)
+      settings = {"keep_rate": 0.25, "reduce_n_factor": factor, "reduce_c_factor": 2}
+    if cls_token is not None:
+      settings["has_cls_token"] = cls_token
+    return settings
 
   def _sizes(self, length: int, head_dim: int) -> tuple[int, int, int, int]:
     """Validates the settings; returns (k, n_down, c, token budget)."""

@@ -10,13 +10,16 @@
   clustr_b             (``clustr_vit.ClusTR``; 11.68M, 22.69M, 40.25M parameters)
 
 Vision models take float32 images [batch, height, width, 3] and ``train: bool``.
+``from_config(config.model, data_kwargs)`` builds the model a run config describes.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
+import jax.numpy as jnp
 
 from clustr_jax.models import clustr_vit, lra, vit
 
@@ -54,3 +57,28 @@ def get(name: str, **kwargs: Any) -> nn.Module:
   if unknown:
     raise ValueError(f"model {name!r} has no option(s) {unknown}; valid: {sorted(valid)}")
   return cls(**{**defaults, **kwargs})
+
+
+#: ``config.model.dtype`` names -> computation dtypes.
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def from_config(model_config: Mapping[str, Any], data_kwargs: Mapping[str, Any]) -> nn.Module:
+  """The model of a config's ``model`` section: its ``name`` plus constructor options, ``dtype``
+  by name (``DTYPES``; default 'float32').
+
+  ``data_kwargs`` (``Dataset.model_kwargs``: e.g. vocab_size, num_classes, max_length) fill in
+  what ``model_config`` leaves unset.
+
+  Raises:
+    ValueError: unknown model name or dtype, or an option the model does not take (``get``).
+  """
+  kwargs = dict(model_config.to_dict() if hasattr(model_config, "to_dict") else model_config)
+  name = kwargs.pop("name")
+  dtype = kwargs.get("dtype", "float32")
+  if dtype not in DTYPES:
+    raise ValueError(f"config.model.dtype={dtype!r} unknown; valid: {', '.join(DTYPES)}")
+  kwargs["dtype"] = DTYPES[dtype]
+  for key, value in data_kwargs.items():
+    kwargs.setdefault(key, value)
+  return get(name, **kwargs)

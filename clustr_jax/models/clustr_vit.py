@@ -34,9 +34,10 @@ block{i}_{j}/{norm1, attn, norm2, mlp/{fc1, dwconv, fc2}}, norm{i}, head; ClusTR
 attn/{q, weight_layer, kv1, kv2, proj}; full attention attn/{query, key, value, out} (the
 official q, kv split into K and V, proj).
 
-Eval-mode semantics: ``density_noise`` (the official 1e-6 U(0,1) tie-break noise of the DPC-kNN
-density, rng 'clustering') is applied only with ``train=True``, so ``train=False`` is
-deterministic (the official model also draws it in eval mode).
+Eval-mode semantics: the official 1e-6 U(0,1) tie-break noise of the DPC-kNN density (rng
+'clustering') is applied only with ``train=True`` (ClusTR attention's ``density_noise='train'``,
+its setting for a pyramid stage), so ``train=False`` is deterministic (the official model also
+draws it in eval mode); ``attention_kwargs={'density_noise': False}`` switches it off.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from clustr_jax import attention as attention_lib
 from clustr_jax.models import vit
 
 Dtype = Any
@@ -67,12 +69,10 @@ class ClusTR(nn.Module):
       e.g. 'dense' for an ablation); stages with sr_ratio = 1 always use full attention ('dense').
     attention_kwargs: options of that mechanism (for 'clustr': knn_k, distance_chunk_size,
       merge_eps, num_clusters, ...; sr_ratio is set per stage and must not be given).
-    density_noise: the official DPC-kNN density tie-break noise while training (rng
-      'clustering'); never applied with train=False.
     dtype: computation dtype (parameters float32; logits float32).
 
   Call: images float32 [B, H, W, 3] (H, W divisible by 32 for the official grids) and ``train``
-  bool (dropout, drop path, density noise) -> logits float32 [B, num_classes].
+  bool (dropout, drop path, ClusTR's density noise) -> logits float32 [B, num_classes].
 
   Raises:
     ValueError: per-stage settings without 4 entries, embed_dims not divisible by num_heads,
@@ -91,7 +91,6 @@ class ClusTR(nn.Module):
   drop_path_rate: float = 0.0
   attention: str = "clustr"
   attention_kwargs: Mapping[str, Any] | None = None
-  density_noise: bool = True
   dtype: Dtype = jnp.float32
 
   def _check(self) -> None:
@@ -106,16 +105,17 @@ class ClusTR(nn.Module):
     if "sr_ratio" in (self.attention_kwargs or {}):
       raise ValueError("ClusTR: attention_kwargs must not set sr_ratio; use sr_ratios")
 
-  def _stage_attention(self, sr_ratio: int, train: bool) -> tuple[str, dict[str, Any]]:
-    """(attention name, options) of a stage: full attention at sr 1, else ``attention``."""
+  def _stage_attention(self, sr_ratio: int, length: int, grid: tuple[int, int]
+                       ) -> tuple[str, dict[str, Any]]:
+    """(attention name, options) of a stage of ``length`` tokens on ``grid``: full attention at
+    sr 1, else ``attention`` with the settings the registry gives a pyramid stage
+    (``attention.sized_for``; for ClusTR the official clusters and tie-break noise) under the
+    config's ``attention_kwargs``."""
     if sr_ratio == 1:
       return "dense", {}
-    options = dict(self.attention_kwargs or {})
-    if self.attention == "clustr":
-      options["sr_ratio"] = sr_ratio
-      options.setdefault("density_noise", self.density_noise and train)
-    elif self.attention == "sparsifiner":
-      options.setdefault("has_cls_token", False)
+    options = attention_lib.sized_for(self.attention, length, grid=grid, cls_token=False,
+                                      sr_ratio=sr_ratio)
+    options.update(self.attention_kwargs or {})
     return self.attention, options
 
   @nn.compact
@@ -131,7 +131,7 @@ class ClusTR(nn.Module):
       kernel, stride = (7, 4) if i == 0 else (3, 2)
       tokens, size = vit.PatchEmbed(dim, kernel, stride, kernel // 2, 1e-5, self.dtype,
                                     vit.conv_init(kernel, dim), name=f"patch_embed{i + 1}")(x)
-      name, options = self._stage_attention(self.sr_ratios[i], train)
+      name, options = self._stage_attention(self.sr_ratios[i], size[0] * size[1], size)
       for j in range(self.depths[i]):
         tokens = vit.Block(self.num_heads[i], self.mlp_ratios[i], self.qkv_bias,
                            self.drop_rate, self.attn_drop_rate, rates[cur + j], name, options,

@@ -2,7 +2,7 @@ r"""ClusTR-T/S/B (official ``ClusTR_b1/b2/b3``) on ImageNet-1k with the official
 variant on Imagenette.
 
 Official (``YtongXie/ClusTR`` ``main.py`` defaults and ``configs/ClusTR/ClusTR_b{1,2,3}.py``,
-../shared/reference/clustr.md §6): AdamW (eps 1e-8), lr 5e-4 * batch / 512 (batch 8 x 128 = 1024:
+``docs/vision.md``): AdamW (eps 1e-8), lr 5e-4 * batch / 512 (batch 8 x 128 = 1024:
 1e-3), weight decay 0.05 (timm groups: none for biases and norms), timm cosine over 300 epochs
 with 5 warmup epochs from 1e-6, min lr 1e-5, 10 cooldown epochs; drop path 0.1 / 0.1 / 0.3 and
 gradient clipping none / none / 1.0 for T / S / B; DeiT preprocessing (RandAugment m9-mstd0.5,
@@ -22,28 +22,25 @@ Args: model=clustr_t|clustr_s|clustr_b, cpu, steps, data_dir, source=folder|tfds
   python -m clustr_jax.main --config=configs/imagenet/clustr.py:cpu --workdir=workdir/clustr_t_cpu
 """
 
-import ml_collections
-
-from clustr_jax import config_utils
-from clustr_jax import recipes
-from clustr_jax.data import imagenet
+from configs import common
+from configs import default
+from configs.imagenet import common as recipes
 
 #: Per-variant drop path and gradient clipping (``configs/ClusTR/ClusTR_b{1,2,3}.py``).
 VARIANTS = {"clustr_t": (0.1, None), "clustr_s": (0.1, None), "clustr_b": (0.3, 1.0)}
 
 
 def get_config(arg=None):
-  arg = config_utils.parse_arg(arg, model="clustr_t", cpu=False, steps=300, data_dir="",
+  arg = common.parse_arg(arg, model="clustr_t", cpu=False, steps=300, data_dir="",
                                source="folder")
   if arg.model not in VARIANTS:
     raise ValueError(f"model={arg.model!r} unknown; valid: {', '.join(VARIANTS)}")
   drop_path, clip = VARIANTS[arg.model]
-  config = ml_collections.ConfigDict()
-  config.seed = 0
-  config.dataset = imagenet.dataset_config(cpu=arg.cpu, data_dir=arg.data_dir or None,
+  config = default.get_config()
+  config.dataset = recipes.dataset_config(cpu=arg.cpu, data_dir=arg.data_dir or None,
                                            source=arg.source, image_size=64 if arg.cpu else 224)
-  config.model = ml_collections.ConfigDict(dict(
-      name=arg.model, attention="clustr", drop_path_rate=drop_path, dtype="float32"))
+  config.model = dict(name=arg.model, attention="clustr", drop_path_rate=drop_path,
+                      dtype="float32")
   config.batch_size = 1024
   config.eval_batch_size = 1024
   recipes.timm_optimizer(config, base_lr=5e-4 * config.batch_size / 512, epochs=300,

@@ -1,7 +1,7 @@
 r"""ViT/DeiT on ImageNet-1k with DeiT's recipe, any attention; and a CPU variant on Imagenette.
 
 DeiT (``facebookresearch/deit`` ``main.py`` defaults, timm 0.3.2; ClusTR and Sparsifiner train
-with the same script, ../shared/reference/clustr.md §6, sparsifiner.md §3): batch 1024, AdamW
+with the same script, ``docs/vision.md``): batch 1024, AdamW
 (b2 0.999, eps 1e-8), lr 5e-4 * batch / 512, weight decay 0.05 except biases, norms, pos_embed
 and cls_token, timm cosine over 300 epochs with 5 warmup epochs from 1e-6 to the peak, min lr
 1e-5, then 10 cooldown epochs at the min; drop path 0.1; model EMA 0.99996; DeiT preprocessing
@@ -24,31 +24,29 @@ cpu, steps (CPU steps), data_dir, source=folder|tfds.
       --workdir=workdir/deit_ti_cpu_cast
 """
 
-import ml_collections
+from configs import common
+from configs import default
+from configs.imagenet import common as recipes
 
-from clustr_jax import config_utils
-from clustr_jax import recipes
-from clustr_jax.data import imagenet
 
 def get_config(arg=None):
-  arg = config_utils.parse_arg(arg, model="deit_ti", attention="dense", cpu=False, steps=300,
+  arg = common.parse_arg(arg, model="deit_ti", attention="dense", cpu=False, steps=300,
                                data_dir="", source="folder")
-  config = ml_collections.ConfigDict()
-  config.seed = 0
-  config.dataset = imagenet.dataset_config(cpu=arg.cpu, data_dir=arg.data_dir or None,
+  config = default.get_config()
+  config.dataset = recipes.dataset_config(cpu=arg.cpu, data_dir=arg.data_dir or None,
                                            source=arg.source, image_size=64 if arg.cpu else 224)
   patch = 16
-  tokens = (config.dataset.image_size // patch) ** 2 + 1
-  config.model = ml_collections.ConfigDict(dict(
+  config.model = dict(
       name=arg.model, attention=arg.attention,
-      attention_kwargs=recipes.vit_attention_kwargs(arg.attention, tokens),
-      img_size=config.dataset.image_size, patch_size=patch, drop_path_rate=0.1, dtype="float32"))
+      attention_kwargs=recipes.vit_attention_kwargs(arg.attention, config.dataset.image_size,
+                                                    patch),
+      img_size=config.dataset.image_size, patch_size=patch, drop_path_rate=0.1, dtype="float32")
   config.batch_size = 1024
   config.eval_batch_size = 1024
   recipes.timm_optimizer(config, base_lr=5e-4 * config.batch_size / 512, epochs=300,
                          warmup_epochs=5, cooldown_epochs=10,
                          steps=recipes.steps_per_epoch(config.batch_size))
-  config.ema_decay = ml_collections.FieldReference(0.99996, field_type=float)
+  config.ema_decay = 0.99996
   recipes.schedule_and_data_workers(config, cpu=arg.cpu)
   if arg.cpu:
     recipes.cpu_variant(config, arg.steps)

@@ -2,7 +2,7 @@ r"""Sparsifiner DeiT-S: the official two-stage fine-tuning from a dense DeiT-S, 
 Imagenette.
 
 Official (``lim142857/Sparsifiner`` @ 9a11e26, released ``sparsifiner_default_config.yaml``,
-``main.py``, ``losses.py``; ../shared/reference/sparsifiner.md §3): the student and the teacher
+``main.py``, ``losses.py``; ``docs/sparsifiner.md``): the student and the teacher
 both start from the pretrained DeiT-S; batch 168 x 8 = 1,344; AdamW, weight decay 0.05 (biases
 and norms without); model EMA 0.9999; DeiT preprocessing; drop path 0; keep rate 0.25,
 n_down = N // 6, c = d // 2.
@@ -33,9 +33,9 @@ source=folder|tfds, ema (bool; full runs only).
 
 import ml_collections
 
-from clustr_jax import config_utils
-from clustr_jax import recipes
-from clustr_jax.data import imagenet
+from configs import common
+from configs import default
+from configs.imagenet import common as recipes
 
 #: (epochs, warmup epochs, peak lr, final lr) of each stage (the released INDICATOR and yaml).
 STAGES = {"recon": (5, 3, 3e-4, 2e-4), "distill": (45, 3, 8e-5, 2e-6)}
@@ -45,45 +45,38 @@ CPU_DEFAULTS = {"teacher_checkpoint": "workdir/deit_ti_cpu/checkpoints",
 
 
 def get_config(arg=None):
-  arg = config_utils.parse_arg(arg, stage="recon", cpu=False, steps=0, init_checkpoint="",
+  arg = common.parse_arg(arg, stage="recon", cpu=False, steps=0, init_checkpoint="",
                                teacher_checkpoint="", data_dir="", source="folder", ema=True)
   if arg.stage not in STAGES:
     raise ValueError(f"stage={arg.stage!r} unknown; valid: {', '.join(STAGES)}")
   epochs, warmup_epochs, peak_lr, final_lr = STAGES[arg.stage]
-  config = ml_collections.ConfigDict()
-  config.seed = 0
-  config.dataset = imagenet.dataset_config(cpu=arg.cpu, data_dir=arg.data_dir or None,
-                                           source=arg.source, image_size=64 if arg.cpu else 224)
+  config = default.get_config()
+  config.dataset = recipes.dataset_config(cpu=arg.cpu, data_dir=arg.data_dir or None,
+                                          source=arg.source, image_size=64 if arg.cpu else 224)
   patch = 16
-  tokens = (config.dataset.image_size // patch) ** 2 + 1
-  attention = recipes.vit_attention_kwargs("sparsifiner", tokens)
+  attention = recipes.vit_attention_kwargs("sparsifiner", config.dataset.image_size, patch)
   model = "deit_ti" if arg.cpu else "deit_s"
-  config.model = ml_collections.ConfigDict(dict(
+  config.model = dict(
       name="deit_ti" if arg.cpu else "sparsifiner_deit_s", attention="sparsifiner",
       attention_kwargs=attention, img_size=config.dataset.image_size, patch_size=patch,
-      drop_path_rate=0.0, dtype="float32"))
+      drop_path_rate=0.0, dtype="float32")
   config.batch_size = 1344
   config.eval_batch_size = 1344
   steps = recipes.steps_per_epoch(config.batch_size)
   recipes.timm_optimizer(config, base_lr=peak_lr, epochs=epochs, warmup_epochs=warmup_epochs,
                          cooldown_epochs=0, steps=steps, min_lr=final_lr, warmup_init_lr=0.0)
-  config.ema_decay = ml_collections.FieldReference(0.9999 if arg.ema else None,
-                                                   field_type=float)
+  config.ema_decay = 0.9999 if arg.ema else None
 
   init = arg.init_checkpoint or (CPU_DEFAULTS[arg.stage] if arg.cpu else "")
   teacher = arg.teacher_checkpoint or (CPU_DEFAULTS["teacher_checkpoint"] if arg.cpu else "")
-  config.distill = ml_collections.ConfigDict(dict(
-      stage=arg.stage, trainable="predictor" if arg.stage == "recon" else "backbone",
-      predictor_pattern="mask_predictor",
-      init_checkpoint=ml_collections.FieldReference(init or None, field_type=str),
-      # Our dense DeiT names its output projection 'out', Sparsifiner attention 'proj'.
-      init_rename={"/attn/out/": "/attn/proj/"},
-      recon_weight=0.01, ce_weight=0.0 if arg.stage == "recon" else 1.0, kl_weight=0.5,
-      token_weight=0.5, temperature=1.0, token_module="norm", num_prefix_tokens=1))
-  config.distill.teacher = ml_collections.ConfigDict(dict(
+  config.distill = default.distill_config(arg.stage)
+  config.distill.init_checkpoint = init or None
+  # Our dense DeiT names its output projection 'out', Sparsifiner attention 'proj'.
+  config.distill.init_rename = {"/attn/out/": "/attn/proj/"}
+  config.distill.teacher = dict(
       name=model, attention="dense", img_size=config.dataset.image_size, patch_size=patch,
       dtype="float32", checkpoint=ml_collections.FieldReference(teacher or None,
-                                                                field_type=str)))
+                                                                field_type=str))
   recipes.schedule_and_data_workers(config, cpu=arg.cpu)
 
   if arg.cpu:

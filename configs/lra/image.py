@@ -1,7 +1,7 @@
 r"""LRA Image (grayscale CIFAR-10, 1,024 pixel tokens): official settings and a CPU-sized variant.
 
 Official (``lra_benchmarks/image/configs/cifar10/{base_cifar10_config,transformer_base}.py``,
-../shared/reference/lra.md §8): 1 layer, emb 128, 8 heads, qkv 64, MLP 128, learned positions,
+``docs/lra.md``): 1 layer, emb 128, 8 heads, qkv 64, MLP 128, learned positions,
 CLS pooling (the CLS token takes the first pixel's mask), pixel value 0 is padding (both LRA
 quirks, on: ``model.zero_is_padding``, ``model.cls_mask_from_first_token``), dropout 0.3 /
 attention dropout 0.2, batch 256, 35,000 steps (200 epochs of 175), Adam(0.9, 0.98, 1e-9),
@@ -11,8 +11,8 @@ Splits train[:90%] / train[90%:] / test (45,000 / 5,000 / 10,000). LRA's Transfo
 42.44% test accuracy.
 
 ``cpu`` differs: width 32 (2 heads, qkv 16, MLP 64), no dropout, batch 16, 300 steps,
-lr 2e-3 * warmup(30) * cosine decay; sized for the 4,660 + 932 real records of
-../shared/data/cifar10 on 2 CPU cores (test accuracy 0.163 against 0.113 for the majority class,
+lr 2e-3 * warmup(30) * cosine decay; sized for the 4,660 + 932 real records of a
+CIFAR-10 sample (data_batch_*.bin files) on 2 CPU cores (test accuracy 0.163 against 0.113 for the majority class,
 experiments/lra/results/lra_cpu_sweep.md).
 
 Args (comma-separated, e.g. ``:cpu,attention=cast``):
@@ -20,20 +20,20 @@ Args (comma-separated, e.g. ``:cpu,attention=cast``):
   attention  dense | clustr | cast | sparsifiner, each with settings that fit the length.
 
   python -m clustr_jax.main --config=configs/lra/image.py:cpu --workdir=workdir/image_cpu \
-      --config.dataset.data_dir=../shared/data/cifar10
+      --config.dataset.data_dir=/path/to/cifar-10-batches-bin
   python -m clustr_jax.main --config=configs/lra/image.py --workdir=/tmp/image \
       --config.dataset.source=tfds
 """
 
-from clustr_jax import config_utils
-from clustr_jax import lra_configs
+from configs import common
+from configs.lra import common as lra_common
 
 
 def get_config(arg=None):
-  arg = config_utils.parse_arg(arg, cpu=False, attention="dense")
-  config = lra_configs.base_config(
+  arg = common.parse_arg(arg, cpu=False, attention="dense")
+  config = lra_common.base_config(
       dataset=dict(
-          name="cifar10",
+          name="image",
           source="binary",  # 'binary': data_dir holds data_batch_*.bin; 'tfds': cifar10.
           data_dir=None, tfds_name="cifar10", val_fraction=0.1, max_length=1024,
           tfds_splits=dict(train="train[:90%]", val="train[90%:]", test="test")),
@@ -56,4 +56,4 @@ def get_config(arg=None):
     config.eval_every_steps = 300
     config.checkpoint_every_steps = 300
 
-  return lra_configs.finish(config)
+  return lra_common.finish(config)

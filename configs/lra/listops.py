@@ -1,7 +1,7 @@
 r"""LRA ListOps: the official LRA Transformer settings, and a CPU-sized variant.
 
 Official (``lra_benchmarks/listops/configs/{base_listops_config,transformer_base}.py``, see
-../shared/reference/lra.md §8): 4 layers, emb 512, 8 heads, qkv 512, MLP 1024, sinusoidal
+``docs/lra.md``): 4 layers, emb 512, 8 heads, qkv 512, MLP 1024, sinusoidal
 positions, CLS pooling, dropout 0.1/0.1, length 2,000, batch 32, 5,000 steps, Adam(0.9, 0.98,
 1e-9), lr 0.05 * linear_warmup(1,000) * rsqrt_decay, weight decay 0.1, eval every 50 steps.
 LRA's Transformer reaches 36.37% test accuracy.
@@ -22,13 +22,13 @@ Args (comma-separated, e.g. ``:cpu,attention=cast``):
   python -m clustr_jax.main --config=configs/lra/listops.py:attention=cast --workdir=/tmp/cast
 """
 
-from clustr_jax import config_utils
-from clustr_jax import lra_configs
+from configs import common
+from configs.lra import common as lra_common
 
 
 def get_config(arg=None):
-  arg = config_utils.parse_arg(arg, cpu=False, attention="dense")
-  config = lra_configs.base_config(
+  arg = common.parse_arg(arg, cpu=False, attention="dense")
+  config = lra_common.base_config(
       dataset=dict(
           name="listops", task="basic", data_dir=None,
           generate=True,  # Write {task}_{train,val,test}.tsv first if missing.
@@ -56,4 +56,4 @@ def get_config(arg=None):
     config.eval_every_steps = 250
     config.checkpoint_every_steps = 250
 
-  return lra_configs.finish(config)
+  return lra_common.finish(config)

@@ -2,7 +2,7 @@ r"""LRA Pathfinder (32 x 32 images, 1,024 tokens): the official LRA Transformer 
 CPU-sized variant.
 
 Official (``lra_benchmarks/image/configs/pathfinder32/{base_pathfinder32_config,
-transformer_base}.py``, ../shared/reference/lra.md §8): 4 layers, emb 32, 4 heads, qkv 16, MLP 32,
+transformer_base}.py``, ``docs/lra.md``): 4 layers, emb 32, 4 heads, qkv 16, MLP 32,
 sinusoidal positions, MEAN pooling, dropout 0.2 / attention dropout 0.1, batch 512, 62,400 steps
 (200 epochs of 160,000 images), Adam(0.9, 0.98, 1e-9), lr 1e-3 * linear_warmup(312) *
 cosine_decay, no weight decay, evaluation every epoch (312 steps). Data: the ``hard`` set
@@ -36,15 +36,14 @@ Args (comma-separated, e.g. ``:cpu,attention=cast``):
       --config.dataset.generate=False
 """
 
-from clustr_jax import config_utils
-from clustr_jax import lra_configs
-from clustr_jax.data import pathfinder
+from configs import common
+from configs.lra import common as lra_common
 
 
 def get_config(arg=None):
-  arg = config_utils.parse_arg(arg, cpu=False, attention="dense", difficulty="hard")
-  config = lra_configs.base_config(
-      dataset=pathfinder.dataset_config(32, arg.difficulty, 200_000),
+  arg = common.parse_arg(arg, cpu=False, attention="dense", difficulty="hard")
+  config = lra_common.base_config(
+      dataset=lra_common.pathfinder_dataset(32, arg.difficulty, 200_000),
       model=dict(
           name="lra_encoder", emb_dim=32, num_heads=4, qkv_dim=16, mlp_dim=32, num_layers=4,
           dropout_rate=0.2, attention_dropout_rate=0.1, pooling="MEAN",
@@ -70,4 +69,4 @@ def get_config(arg=None):
     config.checkpoint_every_steps = 250
     config.log_every_steps = 50
 
-  return lra_configs.finish(config)
+  return lra_common.finish(config)

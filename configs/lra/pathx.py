@@ -2,7 +2,7 @@ r"""LRA Path-X (128 x 128 Pathfinder images, 16,384 tokens): the official LRA Tr
 and a CPU-sized variant.
 
 Official (``lra_benchmarks/image/configs/pathfinder128/{base_pathfinder128_config,
-transformer_base}.py``, ../shared/reference/lra.md §8): 1 layer, emb 32, 2 heads, qkv 16, MLP 32,
+transformer_base}.py``, ``docs/lra.md``): 1 layer, emb 32, 2 heads, qkv 16, MLP 32,
 learned positions, MEAN pooling, dropout 0.1 / 0.1, batch 64, 500,000 steps (200 epochs of
 160,000 images), Adam(0.9, 0.98, 1e-9), lr 1e-3 * linear_warmup(2,500) * cosine_decay, no
 weight decay, gradient clipping at norm 1, evaluation every epoch (2,500 steps). Data: the
@@ -31,15 +31,14 @@ Args (comma-separated, e.g. ``:cpu,attention=cast``):
   python -m clustr_jax.main --config=configs/lra/pathx.py:cpu --workdir=workdir/pathx_cpu
 """
 
-from clustr_jax import config_utils
-from clustr_jax import lra_configs
-from clustr_jax.data import pathfinder
+from configs import common
+from configs.lra import common as lra_common
 
 
 def get_config(arg=None):
-  arg = config_utils.parse_arg(arg, cpu=False, attention="dense", difficulty="hard")
-  config = lra_configs.base_config(
-      dataset=pathfinder.dataset_config(128, arg.difficulty, 200_000),
+  arg = common.parse_arg(arg, cpu=False, attention="dense", difficulty="hard")
+  config = lra_common.base_config(
+      dataset=lra_common.pathfinder_dataset(128, arg.difficulty, 200_000),
       model=dict(
           name="lra_encoder", emb_dim=32, num_heads=2, qkv_dim=16, mlp_dim=32, num_layers=1,
           dropout_rate=0.1, attention_dropout_rate=0.1, pooling="MEAN",
@@ -50,11 +49,11 @@ def get_config(arg=None):
       eval_every_steps=2_500, grad_clip_norm=1.0, checkpoint_every_steps=25_000)
 
   if arg.cpu:
-    config.dataset = pathfinder.dataset_config(32, "easy", 2_000)
+    config.dataset = lra_common.pathfinder_dataset(32, "easy", 2_000)
     config.batch_size = config.eval_batch_size = 32
     config.num_train_steps = 200
     config.warmup_steps = 20
     config.eval_every_steps = 100
     config.checkpoint_every_steps = 100
 
-  return lra_configs.finish(config)
+  return lra_common.finish(config)

@@ -1,7 +1,7 @@
 r"""LRA Retrieval (AAN document pairs, byte level, dual encoder): official and CPU-sized settings.
 
 Official (``lra_benchmarks/matching/configs/{base_match_config,transformer_base}.py``,
-../shared/reference/lra.md §8): a shared encoder of 4 layers, emb 128, 4 heads, qkv 128, MLP 512,
+``docs/lra.md``): a shared encoder of 4 layers, emb 128, 4 heads, qkv 128, MLP 512,
 sinusoidal positions, CLS pooling (the CLS token takes the first token's mask: LRA's quirk, on),
 dropout 0.1/0.1, 4,000 byte tokens per document (texts cut to 10,000 bytes first), head
 Dense(512)-ReLU-Dense(256)-ReLU-Dense(2) on [e1, e2]; batch 32, 5,000 steps, Adam(0.9, 0.98,
@@ -20,14 +20,14 @@ Args (comma-separated, e.g. ``:cpu,attention=cast``):
       --config.dataset.data_dir=/path/to/lra_release/tsv_data
 """
 
-from clustr_jax import config_utils
-from clustr_jax import lra_configs
+from configs import common
+from configs.lra import common as lra_common
 
 
 def get_config(arg=None):
-  arg = config_utils.parse_arg(arg, cpu=False, attention="dense")
-  config = lra_configs.base_config(
-      dataset=dict(name="aan", data_dir=None, file_prefix="new_aan_pairs", max_length=4000,
+  arg = common.parse_arg(arg, cpu=False, attention="dense")
+  config = lra_common.base_config(
+      dataset=dict(name="retrieval", data_dir=None, file_prefix="new_aan_pairs", max_length=4000,
                    max_text_bytes=10_000),
       model=dict(
           name="lra_dual_encoder", emb_dim=128, num_heads=4, qkv_dim=128, mlp_dim=512,
@@ -51,4 +51,4 @@ def get_config(arg=None):
     config.eval_every_steps = 50
     config.checkpoint_every_steps = 50
 
-  return lra_configs.finish(config)
+  return lra_common.finish(config)

@@ -1,7 +1,7 @@
 r"""LRA Text (IMDb, byte level): the official LRA Transformer settings, and a CPU-sized variant.
 
 Official (``lra_benchmarks/text_classification/configs/{base_tc_config,transformer_base}.py``,
-../shared/reference/lra.md §8): 4 layers, emb 256, 4 heads, qkv 256, MLP 1024, sinusoidal
+``docs/lra.md``): 4 layers, emb 256, 4 heads, qkv 256, MLP 1024, sinusoidal
 positions, CLS pooling (the CLS token takes the first token's mask: LRA's quirk, on), dropout
 0.1/0.1, batch 32, 20,000 steps, Adam(0.9, 0.98, 1e-9), lr 0.05 * linear_warmup(8,000) *
 rsqrt_decay, weight decay 0.1, eval every 100 steps; validation on the IMDb test set (as LRA;
@@ -10,7 +10,7 @@ LRA's code, 4,000 its paper (``:max_length=4000``). LRA's Transformer reaches 64
 
 ``cpu`` differs: reviews cut to 512 bytes, a 1-layer model of width 32 (2 heads, qkv 32, MLP 64),
 MEAN pooling, batch 32, 400 steps, lr 2e-3 * warmup(60) * cosine decay, no weight decay; sized
-for the 1,000 + 1,000 real reviews of ../shared/data/imdb on 2 CPU cores (test accuracy 0.569
+for the 1,000 + 1,000 real reviews of an aclImdb sample on 2 CPU cores (test accuracy 0.569
 against 0.50 for chance, experiments/lra/results/lra_cpu_sweep.md).
 
 Args (comma-separated, e.g. ``:cpu,attention=cast``):
@@ -19,20 +19,20 @@ Args (comma-separated, e.g. ``:cpu,attention=cast``):
   max_length  bytes per review (default 1000; 512 with cpu).
 
   python -m clustr_jax.main --config=configs/lra/text.py:cpu --workdir=workdir/text_cpu \
-      --config.dataset.data_dir=../shared/data/imdb
+      --config.dataset.data_dir=/path/to/aclImdb
   python -m clustr_jax.main --config=configs/lra/text.py:max_length=4000 --workdir=/tmp/text \
       --config.dataset.source=tfds
 """
 
-from clustr_jax import config_utils
-from clustr_jax import lra_configs
+from configs import common
+from configs.lra import common as lra_common
 
 
 def get_config(arg=None):
-  arg = config_utils.parse_arg(arg, cpu=False, attention="dense", max_length=0)
-  config = lra_configs.base_config(
+  arg = common.parse_arg(arg, cpu=False, attention="dense", max_length=0)
+  config = lra_common.base_config(
       dataset=dict(
-          name="imdb",
+          name="text",
           source="aclimdb",  # 'aclimdb': data_dir is the aclImdb folder; 'tfds': imdb_reviews.
           data_dir=None, tfds_name="imdb_reviews", max_length=arg.max_length or 1000,
           val_fraction=0.0),  # 0: validate on test, as LRA.
@@ -57,4 +57,4 @@ def get_config(arg=None):
     config.eval_every_steps = 100
     config.checkpoint_every_steps = 400
 
-  return lra_configs.finish(config)
+  return lra_common.finish(config)

@@ -5,7 +5,7 @@ compile / cap / interleaved-timing machinery this script reuses): whole models, 
 
   LRA encoder  ``lra_encoder`` at the official LRA ListOps size (4 layers, width 512, 8 heads,
                qkv 512, MLP 1024, CLS pooling) with each attention and the settings that
-               ``clustr_jax.lra_configs.attention_kwargs`` gives for the length; int32 tokens
+               ``clustr_jax.attention.sized_for`` gives for the length; int32 tokens
                [batch, length]; tokens/s = batch * length / median seconds.
   vision       ``clustr_s`` (ClusTR-S, official b2) and ``deit_s`` at 224^2, float32 images
                [batch, 224, 224, 3]; images/s = batch / median seconds.
@@ -41,7 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from clustr_jax import lra_configs
+from clustr_jax import attention
 from clustr_jax import models
 from clustr_jax.attention import cast
 from clustr_jax.attention import sparsifiner
@@ -87,7 +87,7 @@ def build(args: argparse.Namespace) -> list[tuple[dict[str, Any], bench.Case]]:
   for length in args.lengths:
     tokens = jnp.asarray(rng.integers(1, 17, (args.lra_batch, length)), jnp.int32)
     for mechanism in args.mechanisms:
-      kwargs = lra_configs.attention_kwargs(mechanism, length + 1)
+      kwargs = attention.sized_for(mechanism, length + 1)
       model = models.get("lra_encoder", max_length=length, attention=mechanism,
                          attention_kwargs=kwargs, **LRA_MODEL)
       variables = _variables(model, tokens)
@@ -172,7 +172,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   csv_list = lambda t: lambda s: [t(x) for x in s.split(",") if x]  # noqa: E731
   p.add_argument("--lengths", type=csv_list(int), default=[1024, 4096, 16384])
   p.add_argument("--mechanisms", type=csv_list(str),
-                 default=list(lra_configs.ATTENTION_NAMES))
+                 default=list(attention.names()))
   p.add_argument("--vision", type=csv_list(str), default=["deit_s", "clustr_s"],
                  help="vision model names (empty: none)")
   p.add_argument("--passes", type=csv_list(str), default=["fwd", "fwd+bwd"])
@@ -187,9 +187,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   p.add_argument("--output", type=pathlib.Path,
                  default=bench.RESULTS / "model_throughput")
   args = p.parse_args(argv)
-  bad = sorted(set(args.mechanisms) - set(lra_configs.ATTENTION_NAMES))
+  bad = sorted(set(args.mechanisms) - set(attention.names()))
   if bad:
-    p.error(f"--mechanisms: unknown {bad}; valid: {', '.join(lra_configs.ATTENTION_NAMES)}")
+    p.error(f"--mechanisms: unknown {bad}; valid: {', '.join(attention.names())}")
   bad = sorted(set(args.vision) - set(models.names()))
   if bad:
     p.error(f"--vision: unknown model(s) {bad}; valid: {', '.join(models.names())}")

@@ -18,7 +18,7 @@ import platform
 import jax
 
 from clustr_jax import attention
-from clustr_jax import config_utils
+from configs import common as config_common
 from clustr_jax import train
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
@@ -37,7 +37,7 @@ def main() -> None:
   workdir = pathlib.Path(args.workdir)
   rows = []
   for name in args.mechanisms.split(","):
-    config = config_utils.load(f"{REPO}/configs/lra/listops.py:cpu,attention={name}")
+    config = config_common.load(f"{REPO}/configs/lra/listops.py:cpu,attention={name}")
     config.dataset.data_dir = str(workdir / "data")
     if args.num_train_steps:
       config.num_train_steps = args.num_train_steps

@@ -34,9 +34,9 @@ import platform
 import jax
 import numpy as np
 
-from clustr_jax import config_utils
+from configs import common as config_common
 from clustr_jax import data as data_lib
-from clustr_jax import lra_configs
+from clustr_jax import attention
 from clustr_jax import train
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
@@ -57,7 +57,7 @@ def task_config(task: str, variant: str, mechanism: str, args: argparse.Namespac
   if not path.is_file():
     return None
   arg = ",".join(a for a in (variant, f"attention={mechanism}") if a)
-  config = config_utils.load(f"{path}:{arg}")
+  config = config_common.load(f"{path}:{arg}")
   data_dirs = {"text": args.imdb_dir, "image": args.cifar_dir, "retrieval": args.aan_dir}
   if task in data_dirs:
     if not data_dirs[task]:
@@ -89,7 +89,7 @@ def gather(workdir: pathlib.Path, args: argparse.Namespace, variant: str) -> lis
   """
   rows, chance = [], {}
   for task in TASKS:
-    for mechanism in lra_configs.ATTENTION_NAMES:
+    for mechanism in attention.names():
       path = workdir / task / mechanism / "results.json"
       if not path.is_file():
         continue
@@ -202,7 +202,7 @@ def plot(rows: list[dict], output: pathlib.Path) -> None:
   import matplotlib  # pylint: disable=g-import-not-at-top  (only the sweep needs it)
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  markers = dict(zip(lra_configs.ATTENTION_NAMES, "osD^"))
+  markers = dict(zip(attention.names(), "osD^"))
   colors = dict(zip(TASKS, plt.get_cmap("tab10").colors))
   fig, ax = plt.subplots(figsize=(6.4, 4.4))
   for r in rows:
@@ -229,7 +229,7 @@ def main() -> None:
   parser.add_argument("--tasks", default="listops,text,image,pathfinder",
                       help=f"comma-separated, from {', '.join(TASKS)}")
   parser.add_argument("--mechanisms", default="dense",
-                      help=f"comma-separated, from {', '.join(lra_configs.ATTENTION_NAMES)}")
+                      help=f"comma-separated, from {', '.join(attention.names())}")
   parser.add_argument("--variant", default="cpu", help="config arg before attention= ('' for "
                       "the official configs)")
   parser.add_argument("--imdb_dir", default=str(REPO.parent / "shared" / "data" / "imdb"))
@@ -264,7 +264,7 @@ def main() -> None:
   imported = [row for spec in args.import_csv for row in import_csv(spec, workdir, args,
                                                                      args.variant)]
   rows = sorted(rows + imported, key=lambda r: (TASKS.index(r["task"]),
-                                                lra_configs.ATTENTION_NAMES.index(r["attention"])))
+                                                attention.names().index(r["attention"])))
   if not rows:
     parser.error(f"no results.json under {workdir}/<task>/<mechanism>/")
   output = pathlib.Path(args.output)

@@ -29,8 +29,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from clustr_jax import checkpointing
-from clustr_jax import config_utils
+from configs import common as config_common
 from clustr_jax import data as data_lib
+from clustr_jax import models
 from clustr_jax import optim
 from clustr_jax import train
 
@@ -40,9 +41,9 @@ RESULTS = REPO / "experiments" / "scale" / "results"
 
 def make_state(spec: str):
   """(train state, parameter count, a Grain iterator) for the model of config ``spec``."""
-  config = config_utils.load(f"{REPO}/configs/lra/listops.py{spec}")
+  config = config_common.load(f"{REPO}/configs/lra/listops.py{spec}")
   length = config.dataset.max_length
-  model = train.create_model(config, {"vocab_size": 18, "num_classes": 10, "max_length": length})
+  model = models.from_config(config.model, {"vocab_size": 18, "num_classes": 10, "max_length": length})
   tx, _ = optim.create_optimizer(config)
   state = jax.jit(lambda r, x: nn.unbox(train.create_train_state(model, tx, r, x)))(
       jax.random.key(0), jnp.zeros((1, length), jnp.int32))

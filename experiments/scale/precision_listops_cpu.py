@@ -20,7 +20,7 @@ import platform
 
 import jax
 
-from clustr_jax import config_utils
+from configs import common as config_common
 from clustr_jax import train
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
@@ -43,7 +43,7 @@ def main() -> None:
   workdir = pathlib.Path(args.workdir)
   rows = []
   for dtype in ("float32", "bfloat16"):
-    config = config_utils.load(f"{REPO}/configs/lra/listops.py:cpu")
+    config = config_common.load(f"{REPO}/configs/lra/listops.py:cpu")
     config.dataset.data_dir = str(workdir / "data")
     config.model.dtype = dtype
     if args.num_train_steps:

@@ -29,7 +29,7 @@ import sys
 import jax
 
 from clustr_jax import attention
-from clustr_jax import config_utils
+from configs import common as config_common
 from clustr_jax import train
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
@@ -74,7 +74,7 @@ def main() -> None:
                                   args.mechanisms.split(",")):
     if only and run not in only:
       continue
-    config = config_utils.load(f"{REPO}/configs/imagenet/{config_spec}")
+    config = config_common.load(f"{REPO}/configs/imagenet/{config_spec}")
     if args.data_dir:
       config.dataset.data_dir = os.path.abspath(args.data_dir)
     done = workdir / run / "results.json"

@@ -1,7 +1,8 @@
-"""Helpers for ``configs/**.py`` files: big_vision-style arguments.
+"""Config-time helpers shared by every config file: big_vision-style arguments, and loading.
 
 A config file's ``get_config(arg)`` receives the text after ``:`` in ``--config=path.py:arg``: a
-comma-separated list of flags and ``key=value`` pairs, e.g. ``cpu,attention=cast``.
+comma-separated list of flags and ``key=value`` pairs, e.g. ``cpu,attention=cast``. ``load``
+builds a config from such a spec as ``--config`` does, for notebooks, sweeps and tests.
 """
 
 from __future__ import annotations
@@ -55,20 +56,46 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
   return result
 
 
-def load(spec: str) -> ml_collections.ConfigDict:
+#: The installed ``configs`` package (the config files ship with clustr_jax).
+CONFIGS_DIR = pathlib.Path(__file__).resolve().parent
+
+
+def resolve(path: str | pathlib.Path) -> pathlib.Path:
+  """A config file's path: ``path`` itself if it exists, else the same path inside the installed
+  ``configs`` package (``configs/lra/listops.py`` and ``lra/listops.py`` both name
+  ``<configs>/lra/listops.py``), so a spec works from any directory.
+
+  Raises:
+    FileNotFoundError: neither exists (the message gives both paths).
+  """
+  path = pathlib.Path(path)
+  if path.is_file():
+    return path
+  parts = path.parts[1:] if path.parts[:1] == ("configs",) else path.parts
+  packaged = CONFIGS_DIR.joinpath(*parts)
+  if not path.is_absolute() and packaged.is_file():
+    return packaged
+  raise FileNotFoundError(f"config file not found: {path} (nor {packaged})")
+
+
+def load(spec: str, *, lock: bool = True) -> ml_collections.ConfigDict:
   """Loads ``path/to/config.py[:arg]`` as ``--config`` does (for notebooks, sweeps and tests).
+
+  ``path`` is resolved by ``resolve``. The config comes back locked (``lock``): keys can be
+  changed, a mistyped key cannot be added.
 
   Raises:
     FileNotFoundError: the config file does not exist (the message gives the path).
     AttributeError: the file defines no ``get_config``.
   """
   path, _, arg = spec.partition(":")
-  path = pathlib.Path(path)
-  if not path.is_file():
-    raise FileNotFoundError(f"config file not found: {path}")
+  path = resolve(path)
   module_spec = importlib.util.spec_from_file_location(path.stem, path)
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
   if not hasattr(module, "get_config"):
     raise AttributeError(f"config file {path} defines no get_config(arg)")
-  return module.get_config(arg or None)
+  config = module.get_config(arg or None)
+  if lock:
+    config.lock()
+  return config

@@ -1,0 +1,1 @@
+"""Run configs: ``get_config(arg)`` files for the train loop, and their shared config-time code."""

@@ -1,0 +1,1 @@
+"""ImageNet recipes of DeiT, ClusTR and Sparsifiner (``docs/vision.md``)."""
