@@ -2,8 +2,8 @@
 
 Official code: ``lim142857/Sparsifiner`` @ 9a11e26, ``src/main.py`` (strategy
 ``[['attn_recon', 0, 0, 5], ['cls_distill', 0, -5, 45]]``), ``src/losses.py`` (``NewLoss``),
-``src/optim_factory.py``; ``docs/sparsifiner.md``. Both stages start from a
-pretrained dense DeiT; the teacher is that DeiT, frozen, in eval mode.
+``src/optim_factory.py``; ``docs/vision.md`` ("Sparsifiner's two-stage distillation"). Both
+stages start from a pretrained dense DeiT; the teacher is that DeiT, frozen, in eval mode.
 
   stage 'recon' (attn_recon, 5 epochs): only the connectivity predictors train
     (``trainable='predictor'``); the attention runs in mode A (``recon_mode=True``: dense softmax,
@@ -11,8 +11,8 @@ pretrained dense DeiT; the teacher is that DeiT, frozen, in eval mode.
       recon_weight * (1 / L) * sum_layers sum_{b,h,i,j} (A^ - A_teacher[:, :, 1:, :])^2
     (recon_weight 0.01, sum reduction: it scales with the batch). Because the backbone is frozen
     at the teacher's weights, A_teacher is the student's own dense attention (``unmasked_attn``,
-    under stop_gradient; reference §3), so the teacher is not run in this stage. Evaluation uses
-    the model as configured (mode B), as the official validation pass does (reference §5.7).
+    under stop_gradient; docs/vision.md), so the teacher is not run in this stage. Evaluation uses
+    the model as configured (mode B), as the official validation pass does (docs/sparsifiner.md).
   stage 'distill' (cls_distill, 45 epochs): only the backbone trains (``trainable='backbone'``;
     the predictors are frozen and hold no optimizer state), attention in mode B, loss
       ce_weight * CE(student, mixup targets) + kl_weight * KL(teacher || student)

@@ -44,7 +44,7 @@ def create_mesh(data: int = -1, fsdp: int = 1, model: int = 1,
   """Builds a ('data', 'fsdp', 'model') mesh over ``devices`` (default: all devices).
 
   One size may be -1: it takes all remaining devices. Axis types are Auto, so the compiler places
-  top-k, gathers and scatters (DESIGN.md).
+  top-k, gathers and scatters (``docs/launching.md``, "Mesh and sharding").
 
   Raises:
     ValueError: the sizes do not multiply to the number of devices, or more than one is -1.

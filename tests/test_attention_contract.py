@@ -1,4 +1,4 @@
-"""The attention contract (DESIGN.md), checked on every registered mechanism.
+"""The attention contract (docs/adding_a_mechanism.md), checked on every registered mechanism.
 
 A new mechanism gets these tests by adding its small test settings to ``SETTINGS``.
 """

@@ -1,6 +1,6 @@
 """Tests of CASTAttention (clustr_jax/attention/cast.py), our reconstruction of CAST.
 
-Checks cast.md §3.4 (limiting case, permutation equivariance, gradient reaching the surrogates),
+Checks docs/cast.md (limiting case, permutation equivariance, gradient reaching the surrogates),
 the clustering regimes against independent NumPy selections, padding, the absence of gradients
 through the selection, and the absence of any [N, N] intermediate.
 """
@@ -23,7 +23,7 @@ from clustr_jax.attention.dense import DenseAttention
 HEADS, FEATURES, LENGTH, CLUSTERS, KAPPA = 4, 32, 16, 4, 5
 REAL = (12, 4)  # batch 0: pads and enough real tokens; batch 1: fewer real tokens than KAPPA
 
-# Every value of every option (cast.md §3.3), each at least once.
+# Every value of every option (docs/cast.md, choice points), each at least once.
 OPTION_CASES = {"default": {}}
 for _option, _values in cast.CHOICES.items():
   for _value in _values[1:]:
@@ -88,7 +88,7 @@ def np_params(variables):
 
 
 def np_affinity(variables, x, mask, axis="clusters", form="f_sum"):
-  """Independent float64 A_g [B, H, C, N] (cast.md §3.1, C1/C2), pads at -inf."""
+  """Independent float64 A_g [B, H, C, N] (docs/cast.md, C1/C2), pads at -inf."""
   p, x = np_params(variables), np.asarray(x, np.float64)
   q = np.einsum("bnf,fhd->bhnd", x, p["query"]["kernel"])
   k = np.einsum("bnf,fhd->bhnd", x, p["key"]["kernel"])
@@ -237,7 +237,7 @@ def dense_by_hand(variables, x, mask):
 
 
 def check_one_cluster_is_dense(apply, variables):
-  """cast.md §3.4: N_c = 1, kappa = N gives alpha = 1 and dense softmax attention."""
+  """docs/cast.md: N_c = 1, kappa = N gives alpha = 1 and dense softmax attention."""
   x, mask = inputs(real=(16, 11))
   y = np.asarray(apply(variables, x, mask))
   dense = dense_by_hand(variables, x, mask)
@@ -382,7 +382,7 @@ def test_top_k_members_are_the_top_affinities(axis, form):
 
 
 def reference_forward(params, x, mask, idx, valid, combination, summary_support):
-  """§3.1 written directly with one-hot membership (fine at test sizes), indices as constants."""
+  """docs/cast.md's equations written directly with one-hot membership, indices as constants."""
   p = nn.unbox(params)["params"]
   q, k, v = (jnp.einsum("bnf,fhd->bhnd", x, p[n]["kernel"]) for n in ("query", "key", "value"))
   s = p["surrogates"]
@@ -417,7 +417,7 @@ def reference_forward(params, x, mask, idx, valid, combination, summary_support)
     {"combination": "intra_plus_others", "summary_support": "all", "shared_surrogates": True,
      "cluster_size": 8}], ids=["default", "intra_plus_others+all+shared"])
 def test_forward_matches_direct_implementation(kwargs):
-  """The module equals §3.1 written directly for the sown indices (KAPPA leaves some tokens
+  """The module equals docs/cast.md written directly for the sown indices (KAPPA leaves some tokens
   uncovered; cluster_size 8 covers some tokens several times)."""
   module = make(**kwargs)
   variables = variables_for(module)
@@ -473,7 +473,7 @@ def test_gradients_reach_every_parameter_and_skip_the_indices():
      "cluster_size": 8}], ids=["default", "intra_plus_others+all+shared"])
 def test_gradients_match_direct_implementation(kwargs):
   """The custom backward passes (chunked intra-cluster attention, softmax and row scaling,
-  ``base.softmax`` / ``base.scale_rows``) give the gradients of §3.1 written directly, for the
+  ``base.softmax`` / ``base.scale_rows``) give the gradients of docs/cast.md, written out, for the
   sown (constant) indices, with respect to every parameter and the input."""
   module = make(**kwargs)
   variables = variables_for(module)

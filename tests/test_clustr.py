@@ -1,7 +1,7 @@
 """ClusTR attention (clustr_jax/attention/clustr.py) against the official algorithm.
 
 The clustering is checked against an independent float64 NumPy transcription of the official
-``cluster_dpc_knn_ms`` (YtongXie/ClusTR ``ClusTR.py``; shared/reference/clustr.md §4), the
+``cluster_dpc_knn_ms`` (YtongXie/ClusTR ``ClusTR.py``; docs/clustr.md), the
 attention against softmax attention written out by hand from the module's own parameters.
 
 Speed: almost every test uses (B, N, C) = (2, 16, 32) with scales (4, 8); parameters are built
@@ -112,7 +112,7 @@ def canonical(labels):
 
 @functools.partial(jax.jit, static_argnames="eps")
 def hand_attention(p, x, groups, key_masks=None, eps=0.0):
-  """ClusTR by hand with fixed clusters, written directly from clustr.md §4.
+  """ClusTR by hand with fixed clusters, written directly from docs/clustr.md.
 
   groups: per scale, float one-hot membership [B, M_s, N]; key_masks: per scale bool [B, M_s].
   """

@@ -1,7 +1,7 @@
 """Checkpoint conversion against forward passes written independently in PyTorch layout (numpy).
 
-The reference forwards below follow the reference notes (shared/reference/clustr.md §2, §4, §9;
-sparsifiner.md §2.3, §2.4, §7) in float64 numpy on the official NCHW tensors and state-dict
+The reference forwards below follow docs/clustr.md, docs/vision.md, docs/sparsifiner.md and
+docs/conversion.md in float64 numpy on the official NCHW tensors and state-dict
 keys; they share no code with clustr_jax. Random official-layout state dicts are drawn with
 activations of order one, so that 1e-4 on the logits is a real check.
 """
@@ -66,7 +66,7 @@ def _merge_heads(x):
 
 
 def _dpc_knn(x, num_clusters, k=5):
-  """One sample x [N, C]: labels per scale (clustr.md §4 step 4, no noise)."""
+  """One sample x [N, C]: labels per scale (docs/clustr.md, no noise)."""
   n, c = x.shape
   dist = np.sqrt(((x[:, None, :] - x[None, :, :]) ** 2).sum(-1)) / math.sqrt(c)
   rho = np.exp(-(np.sort(dist, axis=1)[:, :k] ** 2).mean(1))
@@ -133,7 +133,7 @@ def clustr_reference(sd, cfg, images):
 
 
 def _sparse_attention(sd, key, q, k, heads, rate, cfg):
-  """Mode-B mask (sparsifiner.md §2.4): bool [B, H, N, N]."""
+  """Mode-B mask (docs/sparsifiner.md): bool [B, H, N, N]."""
   b, _, n, d = q.shape
   mp = f"{key}.mask_predictor"
   qt, kt = _linear(sd, f"{mp}.proj_c_q", q), _linear(sd, f"{mp}.proj_c_k", k)

@@ -126,7 +126,7 @@ def test_depth_limit_and_lra_length_window():
 
 
 def _lra_reference_tree(rng, depth_, max_depth, max_args, value_p):
-  """LRA's recursive sampler, transcribed from lra.md §5.1 (random module, nested tuples)."""
+  """LRA's recursive sampler, transcribed from docs/lra.md (random module, nested tuples)."""
   u = rng.random() if depth_ < max_depth else 1
   if u > value_p:
     return rng.choice(listops.DIGITS), 1

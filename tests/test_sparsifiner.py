@@ -1,4 +1,4 @@
-"""Sparsifiner attention: the official algorithm (shared/reference/sparsifiner.md §2), its two
+"""Sparsifiner attention: the official algorithm (docs/sparsifiner.md), its two
 modes, the gather path against the masked path, padding, gradients and errors.
 
 Compilation dominates the cost of these tests, so they share one set of inputs and parameters
@@ -85,7 +85,7 @@ def with_predictor(variables, seed=3, std=1.0):
 
 
 # ---------------------------------------------------------------------------------------------
-# NumPy references, written from the pseudo-code (reference §2.3-2.4), float64.
+# NumPy references, written from the equations of docs/sparsifiner.md, float64.
 
 def np_qkv(params, x):
   p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
@@ -374,7 +374,7 @@ def _task_loss(module, params, x, mask):
 
 
 def _recon_loss(module, params, x, mask):
-  """L_recon = sum (A^ - A_teacher[:, :, 1:])^2 on the sown approx_attn (reference §3)."""
+  """L_recon = sum (A^ - A_teacher[:, :, 1:])^2 on the sown approx_attn (docs/vision.md)."""
   _, state = module.apply({"params": params}, x, mask, mutable="intermediates")
   teacher = jax.lax.stop_gradient(state["intermediates"]["unmasked_attn"][0][:, :, 1:])
   return jnp.sum((state["intermediates"]["approx_attn"][0] - teacher) ** 2)

@@ -13,7 +13,7 @@ from clustr_jax import models, sharding
 from clustr_jax.models import vit
 
 # Official counts: timm DeiT (deit_{tiny,small,base}_patch16_224), the ClusTR.py code comments
-# (11.68M, 22.69M, 40.25M; clustr.md §3 gives 11.682M, 22.691M, 40.246M) and DeiT-S plus the
+# (11.68M, 22.69M, 40.25M; docs/vision.md gives 11.682M, 22.691M, 40.246M) and DeiT-S plus the
 # Sparsifiner predictors (12 x (2 x (64 x 32 + 32) + 2 x 197 x 32) = 201,216).
 OFFICIAL_COUNTS = {
     "deit_ti": 5_717_416, "deit_s": 22_050_664, "deit_b": 86_567_656,

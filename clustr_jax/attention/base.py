@@ -1,6 +1,6 @@
 """Pieces shared by every attention mechanism: the contract's checks and the projections.
 
-The attention contract (../DESIGN.md, "Packages and contracts"): every mechanism is a Linen
+The attention contract (``docs/adding_a_mechanism.md``, "The contract"): every mechanism is a Linen
 module called as ``module(x, mask=None, *, deterministic=True)`` with
 
   x:    float array [batch, length, features]

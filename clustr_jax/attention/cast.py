@@ -3,11 +3,11 @@
 Source: A. van Engelenhoven, N. Strisciuglio, E. Talavera, "CAST: Clustering Self-Attention using
 Surrogate Tokens for Efficient Transformers", arXiv 2402.04239 (2024); Pattern Recognition Letters
 2024. There is NO official code, and the paper's equations were not available to us: this module
-follows ``shared/reference/cast.md`` §3, which is reconstructed from the abstract, the journal
+follows the reconstruction of ``docs/cast.md``, built from the abstract, the journal
 highlights and the ICLR 2024 OpenReview reviews. Report results as "CAST (our reconstruction)"
 together with the option values used.
 
-Confirmed (cast.md §2: abstract, journal highlights, ICLR 2024 reviews R1-R4):
+Confirmed (``docs/cast.md``, "What the sources confirm": abstract, highlights, reviews R1-R4):
   * Learnable surrogate tokens build a cluster affinity matrix (A_g, R3) that is used both to
     cluster the sequence and to generate cluster summaries (abstract).
   * Q, K, V are the usual projections; scores are computed between them and the surrogates: one
@@ -22,7 +22,7 @@ Confirmed (cast.md §2: abstract, journal highlights, ICLR 2024 reviews R1-R4):
   Not confirmed: which scores enter A_g and how (C2), the function f and its axis (C1, R1 only
   says an undefined f seems to be a softmax), and every other formula below.
 
-Our reconstruction [UNVERIFIED] (cast.md §3.1; choice points C1-C11 of §3.3 are options here):
+Our reconstruction [UNVERIFIED] (``docs/cast.md``; its choice points C1-C11 are options here):
 
   Q, K, V = x W_q, x W_k, x W_v                               [B, N, H, d]
   S       surrogates, param 'surrogates'                      [H, N_c, d]  ([N_c, d] shared: C7)
@@ -36,7 +36,7 @@ Our reconstruction [UNVERIFIED] (cast.md §3.1; choice points C1-C11 of §3.3 ar
   w       = softmax over valid members of A_k[I[c], c]        [B, H, N_c, kappa] (C5: or all N)
   R_inter = sum_j w_j Vc_j   (0 for a cluster without valid members)  [B, H, N_c, d]
   alpha   = softmax over clusters of A_q                      [B, H, N_c, N]
-  C6 'weighted' (default, cast.md §3.1):
+  C6 'weighted' (default, ``docs/cast.md``):
     out_i = sum_{c: i in I[c]} alpha_ic R_intra[c, pos_c(i)]
             + sum_{c: i not in I[c]} alpha_ic R_inter[c]
   C6 'intra_plus_others' (intra unweighted, summaries of the other clusters):
@@ -47,7 +47,7 @@ C11 follows C6: a token in no cluster (possible under Top-K when N_c kappa < N, 
 Top-K) gets only the summary terms; a token in several clusters (Top-K) gets the alpha-weighted
 sum of its intra results ('weighted') or their plain mean ('intra_plus_others').
 
-Choice points (cast.md §3.3) and the options that set them (default first):
+Choice points (``docs/cast.md``, "Choice points") and the options that set them (default first):
   C1  affinity_softmax_axis  f = softmax over 'clusters' | over 'tokens' (pads excluded) | 'none'
   C2  cluster_affinity       A_g = 'f_sum': f(A_q)+f(A_k) | 'sum': A_q+A_k | 'f_product':
                              f(A_q)*f(A_k) | 'query': A_q
@@ -61,7 +61,7 @@ Choice points (cast.md §3.3) and the options that set them (default first):
                              (softmax over all real tokens of A_k[:, c])
   C6  combination            'weighted' | 'intra_plus_others' (see above; C11 follows)
   C7  shared_surrogates      False: S per head [H, N_c, d] | True: one S [N_c, d] for all heads
-                             (the "single-head variant" of the third-party summary, §2.4)
+                             (the "single-head variant" of a third-party summary, docs/cast.md)
   C8  padding                always: pads get A_g = -inf before every selection, so they are never
                              chosen while enough real tokens exist; a selected pad slot (fewer real
                              tokens than kappa) is invalid: masked as a key, excluded from the
@@ -76,7 +76,7 @@ Gradients: the cluster indices are integers computed under ``stop_gradient`` (A_
 weight), so no gradient flows through the selection; S learns through w (via A_k) and alpha (via
 A_q), and through A_k over all tokens under C5 'all'.
 
-Cost per head (cast.md §3.2): affinities and combination O(N N_c d), selection O(N N_c) (Top-K
+Cost per head (docs/cast.md): affinities and combination O(N N_c d), selection O(N N_c) (Top-K
 and SA 'argmax'; 'sequential' runs N_c selections over N; 'greedy' runs rounds of O(N N_c), each
 round taking at least one pair and in practice many: ~20 rounds at N = 8192, N_c = 64,
 kappa = 128, several times the cost of the rest of the layer), intra attention O(N_c kappa^2 d).
@@ -105,7 +105,7 @@ from clustr_jax.attention import base
 
 _NAME = "CASTAttention"
 
-#: Valid values of each string option (choice points of cast.md §3.3), default first.
+#: Valid values of each string option (choice points of docs/cast.md), default first.
 CHOICES: dict[str, tuple[str, ...]] = {
     "clustering": ("top_k", "sa_top_k"),                             # C3
     "affinity_softmax_axis": ("clusters", "tokens", "none"),          # C1
@@ -306,7 +306,7 @@ _chunked_intra_attention.defvjp(_chunked_intra_fwd, _chunked_intra_bwd)
 
 def intra_cluster_attention(q_c: jax.Array, k_c: jax.Array, v_c: jax.Array, valid: jax.Array,
                             scale: float, dropout=None) -> jax.Array:
-  """Softmax attention inside each cluster: R_intra of the module docstring (cast.md §3.1).
+  """Softmax attention inside each cluster: R_intra of the module docstring (docs/cast.md).
 
   Args:
     q_c, k_c, v_c: the members' queries, keys, values [B, H, N_c, kappa, d], one dtype.

@@ -4,7 +4,7 @@ Source: Y. Xie, J. Zhang, Y. Xia, A. van den Hengel, Q. Wu, "ClusTR: Exploring E
 Self-attention via Clustering for Vision Transformers", arXiv 2208.13138 (2022). Official code:
 GitHub ``YtongXie/ClusTR`` (commit 3b5e28d), ``ClusTR.py``: class ``Attention`` (``forward``,
 ``ms_kv``, ``compute_att``) and the functions ``cluster_dpc_knn_ms`` and ``merge_tokens``.
-Reference notes: ``shared/reference/clustr.md`` §4 (algorithm) and §8 (JAX notes).
+Documentation: ``docs/clustr.md`` ("Equations and shapes", "Where we differ ...").
 
 Notation: x [B, N, C] is the (already layer-normalized) block input, H heads of width d
 (H d = qkv_features, C by default), S scales with M_s clusters each (default

@@ -2,7 +2,7 @@
 
 Faithful to the official DeiT code (``lim142857/Sparsifiner`` @ 9a11e26,
 ``src/models/sparsifiner.py``: ``MaskPredictor`` and ``Attention``); see
-``shared/reference/sparsifiner.md`` §2 for the algorithm and §5 for its quirks. Per layer, with
+``docs/sparsifiner.md`` ("Equations and shapes", "Quirks of the official code"). Per layer, with
 x [B, N, C], H heads of width d, c = d // reduce_c_factor, n_down = N // reduce_n_factor,
 Nq = N - 1 patch queries when token 0 is a CLS token (else Nq = N):
 
@@ -23,7 +23,7 @@ Nq = N - 1 patch queries when token 0 is a CLS token (else Nq = N):
 
 s_pred = H^-1/2 in the code (``predictor_scale='num_heads'``, the default), d^-1/2 in the paper
 figure (``'head_dim'``). Mode is an explicit field, not inferred from ``deterministic``: in the
-official code a validation pass during stage 1 already uses mode B (reference §5.7).
+official code a validation pass during stage 1 already uses mode B (docs/sparsifiner.md).
 
 Two equivalent mode-B paths (``path``):
   'masked'  the official dense-then-mask computation: [B, H, N, N] logits, -inf outside M.
@@ -46,7 +46,7 @@ top-k over A^ the largest single cost: at N = 1024, H = 8, d = 64, keep 0.1 it t
 the whole dense attention layer, so the forward pass is several times slower than dense
 attention there and forward + backward about half as fast
 (``experiments/results/attention_targets_short.md``; the FLOP savings of the paper are counted,
-not measured, reference §4.1).
+not measured, ``docs/sparsifiner.md``, "Cost").
 
 Padding (``mask``; the official code has none) and what we add to keep it from leaking:
   * padded keys are never selected: their A^ columns are -inf before the top-k, and they are
@@ -65,7 +65,7 @@ after masking, P[:, :, 0, 1:]; the ceil(token_keep_rate * (N - 1)) best real pat
 unchanged; it sows the boolean ``token_keep_mask`` [B, N] (CLS True if real, padding False) so
 that the block can zero the pruned tokens' features. The block passes the running keep mask as
 ``mask`` to the later layers, where pruned tokens then act exactly like padding. Differences to
-the official code (reference §5.8): the attention budget is clipped per sample (surplus slots
+the official code (docs/sparsifiner.md): the attention budget is clipped per sample (surplus slots
 masked) instead of lowered to the first sample's kept count and stored in the module; with a
 budget above the number of kept patches we also keep the CLS column (the official code picks
 ``kept`` of the kept + 1 finite columns); and the dense CLS row excludes pruned keys (the official
@@ -253,7 +253,7 @@ class _ChannelLinear(nn.Module):
 
 
 class MaskPredictor(nn.Module):
-  """The connectivity predictor: low-rank approximate attention A^ (reference §2.3 step 2).
+  """The connectivity predictor: low-rank approximate attention A^ (docs/sparsifiner.md).
 
   Attributes:
     num_heads: H (for the official scale H^-1/2).

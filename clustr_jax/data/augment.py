@@ -2,7 +2,7 @@
 
 DeiT (``facebookresearch/deit`` ``datasets.build_transform``), ClusTR (``main.py``, the same
 transform) and Sparsifiner (DeiT's) train with timm 0.3.2's ``create_transform(is_training=True)``
-followed by timm's ``Mixup`` on the batch (../shared/reference/clustr.md §6, sparsifiner.md §3).
+followed by timm's ``Mixup`` on the batch (``docs/vision.md``, "ImageNet input").
 timm needs torch, so the same operations are written here on Pillow images and numpy arrays:
 
   per image (``train_transform``):

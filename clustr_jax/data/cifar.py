@@ -1,6 +1,6 @@
 """LRA Image: CIFAR-10 in grayscale as 1,024 pixel tokens, from the binary release or TFDS.
 
-Sources (../shared/reference/lra.md §3, §6 and data_formats.md §3.3, §4):
+Sources (``docs/lra.md``, "Quirks of each task"; ``docs/data_formats.md``, "CIFAR-10 binary"):
   * LRA ``lra_benchmarks/image/input_pipeline.py``: TFDS ``cifar10``, splits ``train[:90%]``
     (45,000) / ``train[90%:]`` (5,000) / ``test`` (10,000); ``tf.image.rgb_to_grayscale``, int32,
     flattened row-major to 1,024 tokens; **not normalised**: the pixel value is the token id,

@@ -7,14 +7,14 @@ Sources (``config.dataset.source``):
             tars. Files are listed in sorted order.
   'tfds'    ``tfds.data_source('imagenet2012', split=..., data_dir=...)`` (ArrayRecord, read
             without TensorFlow, images kept as JPEG bytes by ``SkipDecoding`` and decoded here).
-            Prepare it once from the manual-download tars (data_formats.md §6.2; this step needs
+            Prepare it once from the manual-download tars (docs/data_formats.md; this step needs
             TensorFlow and the ``array_record`` writer)::
 
               tfds build imagenet2012 --manual_dir=/path/to/tars --data_dir=/path/to/tfds \
                   --file_format=array_record
 
 Labels (``config.dataset.classes``): 'imagenet', the TFDS order (``labels.txt`` of the TFDS
-package: the 1,000 sorted wnids, line i = label i, data_formats.md §6.1), 1,000 classes; or
+package: the 1,000 sorted wnids, line i = label i, docs/data_formats.md), 1,000 classes; or
 'folder', the sorted wnids of the train folder numbered 0..K-1 (for subsets such as Imagenette;
 since labels.txt is sorted, this is the TFDS order restricted to the subset). TFDS records carry
 their own labels (TFDS order).

@@ -1,6 +1,6 @@
 """LRA Retrieval: ACL Anthology Network (AAN) citation pairs at byte level, two inputs.
 
-Source (../shared/reference/lra.md §4, §6 and data_formats.md §3.2): LRA
+Source (``docs/lra.md``; ``docs/data_formats.md``, "AAN pairs (Retrieval)"): LRA
 ``lra_benchmarks/matching/input_pipeline.py`` reads ``{data_dir}/new_aan_pairs.{train,eval,test}
 .tsv`` of the LRA release (``lra_release/tsv_data/``): **no header**, five tab-separated columns
 ``label``, ``id1``, ``id2``, ``text1``, ``text2``, quotes literal; ``label`` parses as a float, then
@@ -11,7 +11,7 @@ an int (1: the documents are linked by a citation). Each text is cut to its firs
 
 Differences from LRA, documented choices: the release's ``eval`` file is the ``val`` split here;
 evaluation covers every example once (LRA shuffles its eval files and drops the last partial
-batch, lra.md §11.6).
+batch, docs/lra.md).
 """
 
 from __future__ import annotations

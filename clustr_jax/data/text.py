@@ -1,6 +1,6 @@
 """LRA Text: IMDb movie-review sentiment at byte level, from the aclImdb folders or TFDS.
 
-Sources (../shared/reference/lra.md §3, §6 and data_formats.md §3.1, §5):
+Sources (``docs/lra.md``, "Quirks of each task"; ``docs/data_formats.md``, "IMDb: aclImdb"):
   * LRA ``lra_benchmarks/text_classification/input_pipeline.py``: TFDS ``imdb_reviews``; train
     (25,000 reviews) for training, **test (25,000) as both validation and test**; the review's
     bytes, stripped of surrounding whitespace (HTML ``<br />`` kept); ``ByteTextEncoder``: id =

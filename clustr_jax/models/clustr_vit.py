@@ -2,8 +2,8 @@
 
 Source: Xie et al., "ClusTR: Exploring Efficient Self-attention via Clustering for Vision
 Transformers", arXiv 2208.13138; official code GitHub ``YtongXie/ClusTR`` @ 3b5e28d, ``ClusTR.py``
-(``OverlapPatchEmbed``, ``Block``, ``Mlp``, ``DWConv``, ``ClusTR``, ``ClusTR_b1/b2/b3``); reference
-notes ``shared/reference/clustr.md`` §2, §3, §8, §9.
+(``OverlapPatchEmbed``, ``Block``, ``Mlp``, ``DWConv``, ``ClusTR``, ``ClusTR_b1/b2/b3``); see
+``docs/vision.md`` ("The ClusTR pyramid"), ``docs/clustr.md`` and ``docs/conversion.md``.
 
   images float32 [B, H, W, 3]
   for stage i = 1..4 (C_i = embed_dims[i]):

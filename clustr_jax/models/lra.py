@@ -13,7 +13,7 @@ Dense(classes) (LRA ``TransformerDualEncoder`` with its default ``interaction=No
 
 Source: LRA ``lra_benchmarks/models/transformer/transformer.py`` and
 ``models/layers/common_layers.py`` (google-research/long-range-arena @ cd31e5c6), as summarised in
-``../shared/reference/lra.md`` §7: LayerNorm eps 1e-6, attention without biases, xavier-uniform
+``docs/lra.md``, "The model and its quirks": LayerNorm eps 1e-6, no attention biases, xavier-uniform
 kernels, MLP biases normal(1e-6), tanh-approximate GELU (``jax.nn.gelu``'s default), padding mask
 ``inputs > 0``. Differences from the official code, each a documented choice:
   * MEAN pooling averages real tokens only (LRA averages over padding too); CLS pooling is the same.
@@ -231,7 +231,7 @@ class LRADualEncoder(TransformerEncoder):
   """LRA Retrieval dual encoder: one shared ``TransformerEncoder`` on both documents.
 
   Source: LRA ``models/transformer/transformer.py`` ``TransformerDualEncoder`` and
-  ``models/layers/common_layers.py`` ``classifier_head_dual`` (lra.md §7.7): encode each
+  ``models/layers/common_layers.py`` ``classifier_head_dual`` (docs/lra.md): encode each
   document, pool it (``pooling``), then [e1, e2] (or 'NLI': [e1, e2, e1 * e2, e1 - e2]) ->
   Dense(mlp_dim) -> ReLU -> Dense(mlp_dim // 2) -> ReLU -> Dense(num_classes).
 

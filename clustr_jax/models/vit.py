@@ -8,8 +8,8 @@
 
 Source: timm ``vision_transformer.py`` as used by DeiT (Touvron et al. 2021, ``deit_tiny/small/
 base_patch16_224``) and the official Sparsifiner DeiT file (``lim142857/Sparsifiner`` @ 9a11e26,
-``src/models/sparsifiner.py``: ``PatchEmbed``, ``Block``, ``Sparsifiner``; reference notes
-``shared/reference/sparsifiner.md`` §2 and §5): LayerNorm eps 1e-6, exact (erf) GELU, Mlp
+``src/models/sparsifiner.py``: ``PatchEmbed``, ``Block``, ``Sparsifiner``; see ``docs/vision.md``
+and ``docs/sparsifiner.md``): LayerNorm eps 1e-6, exact (erf) GELU, Mlp
 fc1 -> GELU -> Dropout -> fc2 -> Dropout, stochastic depth rates linear in the block index from 0
 to ``drop_path_rate`` (``torch.linspace(0, rate, depth)``), Linear weights trunc-normal(0.02) with
 zero biases, cls_token and pos_embed trunc-normal(0.02), no pre-logits layer.
