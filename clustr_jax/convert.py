@@ -15,10 +15,10 @@ The returned module in eval mode (``module.apply(variables, images, train=False)
 float32 [B, H, W, 3], i.e. the official NCHW input transposed) reproduces the official model's
 eval-mode logits: ClusTR without the density tie-break noise, Sparsifiner in its sparse inference
 mode (mode B, ``recon_mode=False``). Two caveats of the official methods themselves: ClusTR's
-DPC-kNN and Sparsifiner's top-k can meet exact ties (reference notes clustr.md §9,
-sparsifiner.md §7), where the chosen set is implementation-defined.
+DPC-kNN and Sparsifiner's top-k can meet exact ties (``docs/conversion.md``,
+"What is checked, and how"), where the chosen set is implementation-defined.
 
-Layout rules (reference notes clustr.md §9, sparsifiner.md §7): a Linear weight W [out, in]
+Layout rules (``docs/conversion.md``, "Layout rules"): a Linear weight W [out, in]
 becomes the kernel W.T (reshaped to [in, heads, head_dim] for query-like projections and
 [heads, head_dim, out] for output projections; ClusTR's kv [2C, C] to [C, 2, heads, head_dim],
 K first); a Conv weight (O, I, kh, kw) becomes (kh, kw, I, O) (depthwise (rC, 1, 3, 3) ->

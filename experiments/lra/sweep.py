@@ -6,7 +6,7 @@ Each run is ``configs/lra/<task>.py:<variant>,attention=<name>`` trained by
 Then every ``<workdir>/*/*/results.json`` is gathered into
 
   <output>.md   LRA's Table 1 layout: LRA's published Transformer row (the official configs,
-                lra.md §9) beside our rows (one per mechanism), then one row per run with test and
+                ``docs/lra.md``) beside our rows (one per mechanism), then one row per run with test and
                 validation accuracy, the test set's majority-class share (chance), steps, train
                 steps/s, parameters, wall time and the attention options;
   <output>.csv  the per-run rows, with LRA's published Transformer accuracy of the task;
@@ -44,7 +44,7 @@ RESULTS = REPO / "experiments" / "lra" / "results"
 TASKS = ("listops", "text", "retrieval", "image", "pathfinder", "pathx")
 TITLES = {"listops": "ListOps", "text": "Text", "retrieval": "Retrieval", "image": "Image",
           "pathfinder": "Pathfinder", "pathx": "Path-X"}
-# LRA README leaderboard / paper Table 1, vanilla Transformer, test accuracy % (lra.md §9).
+# LRA README leaderboard / paper Table 1, vanilla Transformer, test accuracy % (``docs/lra.md``).
 LRA_TRANSFORMER = {"listops": 36.37, "text": 64.27, "retrieval": 57.46, "image": 42.44,
                    "pathfinder": 71.40, "pathx": None}  # Path-X: FAIL (chance) for every model.
 

@@ -11,7 +11,7 @@ those of ``convert.from_torch`` on the same state dict:
 
   * ClusTR, a small configuration (tests/test_convert.py's), random weights, 64x64, batch 4
     (the official clustering chunks the batch in 4), the density noise patched out
-    (``torch.rand`` -> 0 while the official model runs; clustr.md §9);
+    (``torch.rand`` -> 0 while the official model runs; ``docs/conversion.md``);
   * ClusTR_b1 at 224x224 with the official initialisation, batch 4, noise patched out;
   * Sparsifiner (DeiT layout), a small configuration with random weights, keep rates
     (0.25, 0.5), in the official eval (sparse) mode, with |proj_back_n| > tau (no tied zeros).

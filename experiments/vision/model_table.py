@@ -4,10 +4,10 @@ For every model the script counts the parameters (``jax.eval_shape`` of ``init``
 cost analysis (``jax.jit(...).lower(...).cost_analysis()``, no compilation, nothing runs) for
 the FLOPs of one eval-mode forward pass of one 224x224 image. XLA counts a multiply-add as 2
 FLOPs and counts everything in the graph (for ClusTR: the DPC-kNN distance matrices and the
-attention products too, which the official mmcv count leaves out; clustr.md §5), so the table
+attention products too, which the official mmcv count leaves out; ``docs/clustr.md``, "Cost"), so the table
 also gives GMAC = GFLOP / 2 next to the papers' "FLOPs" (which are MACs).
 
-The Sparsifiner section counts MHSA FLOPs as the paper's tables do (sparsifiner.md §4.1, MACs
+The Sparsifiner section counts MHSA FLOPs as the paper's tables do (``docs/sparsifiner.md``, "Cost"; MACs
 of Q K^T and A V only): dense 2 N^2 C L; sparse L ((N - 1) k + N) 2C with k = ceil(rho N), plus
 the predictor overhead. The paper's overhead is not derived anywhere; its tables fit a constant
 of about 73.5 M, which we show next to our own count of the predictor's multiply-adds in mode B
@@ -65,7 +65,7 @@ def count_and_flops(name: str, kwargs: dict) -> tuple[int, float]:
 def sparsifiner_mhsa(keep_rate: float, tokens: int = 197, width: int = 384, heads: int = 6,
                      layers: int = 12, reduce_n: int = 6, reduce_c: int = 2,
                      basis_topk: int = 8) -> dict[str, float]:
-  """MHSA MACs in millions (sparsifiner.md §4.1): dense, sparse attention, our predictor count."""
+  """MHSA MACs in millions (``docs/sparsifiner.md``, "Cost"): dense, sparse attention, our predictor count."""
   d = width // heads
   c, n_down = d // reduce_c, tokens // reduce_n
   k = math.ceil(keep_rate * tokens)
@@ -116,14 +116,14 @@ def main() -> None:
   lines += [
       "", "XLA counts every operation of the graph. For ClusTR this includes the attention",
       "products and the DPC-kNN distance matrices that the official mmcv count leaves out",
-      "(reference clustr.md §5 estimates them at about 0.35 + 0.85 GMAC for b1), so the XLA",
+      "(``docs/clustr.md`` estimates them at about 0.35 + 0.85 GMAC for b1), so the XLA",
       "numbers are above the code comments. Sparsifiner's XLA count is that of the code as it",
       "runs (dense Q K^T for the CLS row and the predictor's A^, gathered top-k attention); the",
       "paper counts theoretical MHSA FLOPs instead (below).", "",
       "## Sparsifiner DeiT-S: MHSA FLOPs as the paper counts them", "",
       "MACs of Q K^T and A V over 12 layers (N = 197, C = 384): dense 2 N^2 C L; sparse",
       "L ((N - 1) k + N) 2C with k = ceil(rho N), plus the predictor. The paper's tables fit a",
-      "predictor constant of about 73.5 M (sparsifiner.md §4.1, not derived by the authors);",
+      "predictor constant of about 73.5 M (``docs/sparsifiner.md``, not derived by the authors);",
       "our own count of the predictor's mode-B multiply-adds is in the last column. Keep rate",
       "1.0 is the dense DeiT-S baseline row of the paper (no predictor).", "",
       "| keep rate | k | paper table (M) | formula + 73.5 M (M) | attention only (M) | "
