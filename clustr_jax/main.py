@@ -58,6 +58,20 @@ def resolve_config_flag(argv: list[str]) -> list[str]:
   return resolved
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing (``app.parse_flags_with_usage``) of ``resolve_config_flag(argv)``; an
+  unknown ``--config.<key>`` of the locked config exits with one line naming the key and the
+  nearest valid keys instead of a traceback."""
+  try:
+    return app.parse_flags_with_usage(resolve_config_flag(argv))
+  except (AttributeError, KeyError) as error:  # ml_collections: a key the config does not have.
+    message = error.args[0] if error.args else error
+    while isinstance(message, BaseException) and message.args:
+      message = message.args[0]
+    sys.stderr.write(f"FATAL Flags parsing error: --config override: {message}\n")
+    sys.exit(1)
+
+
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
@@ -77,4 +91,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main, argv=resolve_config_flag(sys.argv))
+  app.run(main, flags_parser=parse_flags)
