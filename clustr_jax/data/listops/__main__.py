@@ -16,7 +16,8 @@ from clustr_jax.data.listops import generator
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-  """Command line with LRA's flag names; writes the files unless present (``ensure_generated``)."""
+  """Command line with LRA's flag names; writes the files unless present
+  (``generator.ensure_generated``)."""
   parser = argparse.ArgumentParser(
       prog="python -m clustr_jax.data.listops",
       description="Generate LRA ListOps {task}_{train,val,test}.tsv files (seeded).")

@@ -170,7 +170,7 @@ def generate(num_train: int = 96_000, num_val: int = 2_000, num_test: int = 2_00
 
   Trees are drawn until ``num_train + num_val + num_test`` distinct ones with
   ``min_length < length < max_length`` are collected, where the length counts every token except
-  parentheses (operators, digits and ``]``), i.e. the token count after ``tokenize``.
+  parentheses (operators, digits and ``]``), i.e. the token count after ``release.tokenize``.
 
   Args:
     num_train, num_val, num_test: examples per split (LRA: 96,000 / 2,000 / 2,000).
@@ -223,6 +223,9 @@ def generate(num_train: int = 96_000, num_val: int = 2_000, num_test: int = 2_00
 
 
 
+# ---------------------------------------------------------------------------------------------
+# Generating into a directory in the release format.
+# ---------------------------------------------------------------------------------------------
 def _generation_params(task: str, generate_kwargs: dict) -> dict:
   """All of ``generate``'s parameters (defaults filled in, ``progress`` dropped) plus the task."""
   bound = inspect.signature(generate).bind(**generate_kwargs)  # TypeError on unknown names.
@@ -277,9 +280,8 @@ def ensure_generated(out_dir: str | os.PathLike, task: str = "basic",
   return release.write_tsv(splits, out_dir, task)
 
 
-
 # ---------------------------------------------------------------------------------------------
-# Evaluator, tokenizer, reader.
+# Evaluator.
 # ---------------------------------------------------------------------------------------------
 _EVAL_OPERATORS = {
     "[MIN": min,

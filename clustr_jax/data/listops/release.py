@@ -39,6 +39,7 @@ OOV_ID = VOCAB_SIZE - 1
 NUM_CLASSES = 10
 SPLITS = ("train", "val", "test")
 
+
 class _TokenIds(dict):
   """Token -> id; unknown tokens map to ``OOV_ID`` (``__missing__`` keeps lookups in C)."""
 
@@ -90,7 +91,8 @@ def write_tsv(splits: dict[str, Sequence[tuple[str, int]]], out_dir: str | os.Pa
   Each file is written to a temporary name and renamed, so it is either complete or absent.
 
   Args:
-    splits: ``{'train'|'val'|'test': [(source, label), ...]}`` as returned by ``generate``.
+    splits: ``{'train'|'val'|'test': [(source, label), ...]}``, as ``generator.generate``
+      returns them.
     out_dir: output directory (created if missing).
     task: file name prefix (LRA: ``basic``).
 

@@ -79,10 +79,11 @@ def load_dataset(config, workdir: pathlib.Path) -> data_lib.ArrayDataset:
   """The train loop's Pathfinder / Path-X dataset (``clustr_jax.data.get``) from ``config.dataset``.
 
   Keys: ``resolution`` (image side), ``data_dir`` (the set's root; default
-  ``<workdir>/data/pathfinder<resolution>``), ``generate`` (render the set first on process 0,
-  ``generator.ensure_generated``, while the other processes wait, ``generated.generate_once``,
-  with ``generator``: the ``PathfinderParams`` fields except ``window_size``, plus
-  ``num_images``, ``images_per_batch``, ``seed``, ``workers``), ``split_seed``.
+  ``<workdir>/data/pathfinder<resolution>``), ``generate`` (render the set first, with
+  ``generator``: the ``PathfinderParams`` fields except ``window_size``, plus ``num_images``,
+  ``images_per_batch``, ``seed``, ``workers``; process 0 renders it,
+  ``generator.ensure_generated``, while the others wait, ``generated.generate_once``),
+  ``split_seed`` (``split``'s permutation).
 
   Returns:
     An ``ArrayDataset`` of ``{'inputs': uint8 [n, resolution ** 2], 'targets': int32 [n]}`` per
