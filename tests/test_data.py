@@ -2,6 +2,7 @@
 ``generated.generate_once`` (process 0 generates, the other processes wait for it)."""
 
 import importlib
+import json
 import re
 import threading
 import time
@@ -71,8 +72,9 @@ def test_process_0_generates_once_and_the_other_waits_for_it(tmp_path):
     time.sleep(0.2)  # Process 1 is polling meanwhile.
     (out_dir / "train.tsv").write_text("rows\n")
 
-  (tmp_path / "data").mkdir()
-  (out_dir / generated.MARKER).write_text('{"ok": true}\n')  # A stale marker of an earlier run.
+  out_dir.mkdir()
+  # The marker of an earlier run: process 1 must not take it for this run's.
+  (out_dir / generated.MARKER).write_text('{"state": "done"}\n')
   barrier = threading.Barrier(2, timeout=30)
 
   def waiter():
@@ -86,7 +88,8 @@ def test_process_0_generates_once_and_the_other_waits_for_it(tmp_path):
                           barrier=barrier.wait, poll_s=0.01)
   thread.join(60)
   assert len(calls) == 1
-  assert seen == {"data": "rows\n"}  # Not the stale marker: process 1 saw the data.
+  assert seen == {"data": "rows\n"}  # Process 1 returned after process 0 had written the data.
+  assert json.loads((out_dir / generated.MARKER).read_text()) == {"state": "done"}
 
 
 def test_a_single_process_just_generates(tmp_path):
@@ -107,9 +110,16 @@ def test_failure_on_process_0_reaches_the_other(tmp_path):
                    f"ValueError: holds files", str(outcome[1]))
 
 
-def test_timeout_names_the_directory(tmp_path):
+def test_timeouts_name_the_directory(tmp_path):
   out_dir = tmp_path / "never"
-  barrier = threading.Barrier(1)  # Process 0 never comes: only process 1 runs.
-  with pytest.raises(TimeoutError, match=re.escape(f"generate the data in {out_dir}")):
+  # Process 0 never writes a marker (e.g. out_dir is not shared): only process 1 runs.
+  with pytest.raises(TimeoutError, match=re.escape(f"to start generating the data in {out_dir}")):
     generated.generate_once(out_dir, lambda: None, process_index=1, process_count=2,
-                            barrier=barrier.wait, timeout_s=0.05, poll_s=0.01)
+                            barrier=lambda: None, start_timeout_s=0.05, poll_s=0.01)
+  # Process 0 started but does not finish.
+  out_dir.mkdir()
+  (out_dir / generated.MARKER).write_text('{"state": "generating"}\n')
+  with pytest.raises(TimeoutError, match=re.escape(f"to generate the data in {out_dir}; ")
+                     + ".*still says 'generating'"):
+    generated.generate_once(out_dir, lambda: None, process_index=1, process_count=2,
+                            barrier=lambda: None, timeout_s=0.05, poll_s=0.01)
