@@ -187,7 +187,7 @@ def test_generate_rejects_bad_parameters(kwargs, message):
 
 
 def test_generate_stops_when_no_new_trees_appear(monkeypatch):
-  monkeypatch.setattr(listops, "MAX_TRIALS_WITHOUT_NEW", 3 * listops.TREES_PER_DRAW)
+  monkeypatch.setattr(listops.generator, "MAX_TRIALS_WITHOUT_NEW", 3 * listops.TREES_PER_DRAW)
   with pytest.raises(ValueError, match="no new tree"):  # Only 10 trees have length 1.
     listops.generate(11, 0, 0, min_length=0, max_length=2, progress=False)
 
@@ -318,7 +318,7 @@ def test_read_tsv_grows_past_its_initial_capacity(tmp_path):
 
 
 def test_read_tsv_reports_the_line_of_an_empty_source_in_a_later_chunk(tmp_path, monkeypatch):
-  monkeypatch.setattr(listops, "_READ_CHUNK_ROWS", 2)
+  monkeypatch.setattr(listops.release, "_READ_CHUNK_ROWS", 2)
   path = tmp_path / "chunks.tsv"
   path.write_text("Source\tTarget\n" + "( ( [SM 3 ) ] )\t3\n" * 4 + " ( ) \t3\n")
   with pytest.raises(ValueError, match=re.escape(f"{path}:6: empty source")):

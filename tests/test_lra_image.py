@@ -12,7 +12,7 @@ import tensorflow_datasets as tfds
 from configs import common as config_common
 from clustr_jax import data as data_lib
 from clustr_jax import models
-from clustr_jax.data import cifar
+from clustr_jax.data import image
 
 from lra_testing import DATA, REPO, run_two_steps
 
@@ -20,17 +20,17 @@ CIFAR = DATA / "cifar10"
 
 
 def test_read_bin_real_records():
-  images, labels = cifar.read_bin(CIFAR / "test_batch.bin")
+  images, labels = image.read_bin(CIFAR / "test_batch.bin")
   assert images.shape == (10, 32, 32, 3) and images.dtype == np.uint8
   # The first ten test labels of CIFAR-10 (cat, ship, ship, airplane, frog, frog, automobile, ...).
   np.testing.assert_array_equal(labels, [3, 8, 8, 0, 6, 6, 1, 6, 3, 1])
-  raw = np.fromfile(CIFAR / "test_batch.bin", np.uint8)[:cifar.RECORD_BYTES]
+  raw = np.fromfile(CIFAR / "test_batch.bin", np.uint8)[:image.RECORD_BYTES]
   np.testing.assert_array_equal(images[0, 5, 7], raw[1 + 5 * 32 + 7::1024][:3])  # R, G, B planes.
 
 
 def test_grayscale_is_tf_formula():
-  images, _ = cifar.read_bin(CIFAR / "data_batch_1.bin")
-  gray = cifar.grayscale(images)
+  images, _ = image.read_bin(CIFAR / "data_batch_1.bin")
+  gray = image.grayscale(images)
   assert gray.shape == (10, 32, 32) and gray.dtype == np.uint8
   # trunc((0.2989 R + 0.587 G + 0.114 B) / 255 * 255.5), in float64: equal but for rare
   # float32 rounding at integer boundaries.
@@ -38,7 +38,7 @@ def test_grayscale_is_tf_formula():
   expected = np.floor((x @ [0.2989, 0.5870, 0.1140]) / 255 * 255.5)
   assert np.mean(gray == expected) > 0.999 and np.abs(gray - expected).max() <= 1
   corners = np.array([[[0, 0, 0], [255, 255, 255], [255, 0, 0], [0, 0, 255]]], np.uint8)
-  np.testing.assert_array_equal(cifar.grayscale(corners), [[0, 255, 76, 29]])
+  np.testing.assert_array_equal(image.grayscale(corners), [[0, 255, 76, 29]])
 
 
 def test_binary_splits_and_tokens():
@@ -48,10 +48,10 @@ def test_binary_splits_and_tokens():
   assert dataset.model_kwargs == {"vocab_size": 256, "num_classes": 10, "max_length": 1024}
   splits = dataset.splits
   assert [len(splits[s]["targets"]) for s in ("train", "val", "test")] == [45, 5, 10]
-  images, labels = cifar.read_bin(CIFAR / "data_batch_5.bin")
+  images, labels = image.read_bin(CIFAR / "data_batch_5.bin")
   np.testing.assert_array_equal(splits["val"]["targets"], labels[5:])  # The last 10%, file order.
   np.testing.assert_array_equal(splits["val"]["inputs"][0],
-                                cifar.grayscale(images[5]).reshape(-1))
+                                image.grayscale(images[5]).reshape(-1))
   assert splits["train"]["inputs"].dtype == np.int32
   assert splits["train"]["inputs"].max() <= 255
 
@@ -60,8 +60,8 @@ def test_binary_splits_and_tokens():
     (lambda p: p.write_bytes(p.read_bytes()[:-100]),
      r"data_batch_3.bin: 30630 bytes is not a whole number of 3073-byte records .* record 9 at "
      r"byte 27657 is truncated after 2973 bytes"),
-    (lambda p: p.write_bytes(p.read_bytes()[:cifar.RECORD_BYTES * 4] + b"\x0a"
-                             + p.read_bytes()[cifar.RECORD_BYTES * 4 + 1:]),
+    (lambda p: p.write_bytes(p.read_bytes()[:image.RECORD_BYTES * 4] + b"\x0a"
+                             + p.read_bytes()[image.RECORD_BYTES * 4 + 1:]),
      r"data_batch_3.bin: record 4 \(byte 12292\): label 10 outside 0..9"),
     (lambda p: p.write_bytes(b""), r"data_batch_3.bin: empty file"),
     (lambda p: p.unlink(), r"CIFAR-10 binary files missing: .*data_batch_3.bin"),
@@ -71,7 +71,7 @@ def test_malformed_files_name_file_and_record(tmp_path, damage, message):
   shutil.copytree(CIFAR, folder)
   damage(folder / "data_batch_3.bin")
   with pytest.raises((ValueError, FileNotFoundError), match=message):
-    cifar.load_binary_splits(tmp_path)  # The parent of cifar-10-batches-bin works too.
+    image.load_binary_splits(tmp_path)  # The parent of cifar-10-batches-bin works too.
 
 
 def test_tfds_source_checks_image_size(monkeypatch):
@@ -79,10 +79,10 @@ def test_tfds_source_checks_image_size(monkeypatch):
   sources = {"train[:90%]": [good, good], "bad": [good, {"image": np.zeros((28, 28, 3),
                                                                            np.uint8), "label": 1}]}
   monkeypatch.setattr(tfds, "data_source", lambda name, *, split, data_dir: sources[split])
-  images, labels = cifar.read_tfds("train[:90%]")
+  images, labels = image.read_tfds("train[:90%]")
   assert images.shape == (2, 32, 32, 3) and labels.tolist() == [4, 4]
   with pytest.raises(ValueError, match=r"split 'bad' record 1: image shape \(28, 28, 3\)"):
-    cifar.read_tfds("bad")
+    image.read_tfds("bad")
 
 
 def test_pixel_zero_is_padding_quirk():

@@ -1,12 +1,16 @@
 """Pathfinder: LRA parameters, generator determinism, labels against a flood fill, the release
-reader on well-formed and malformed records, the split, and both configs' first train steps."""
+reader on well-formed and malformed records, the split, the dataset adapter, the command line,
+and both configs' first train steps."""
 
 import dataclasses
 import functools
 import pathlib
+import subprocess
+import sys
 
 import flax.linen as nn
 import jax
+import ml_collections
 import numpy as np
 import pytest
 from PIL import Image
@@ -18,6 +22,7 @@ from clustr_jax import models
 from clustr_jax import optim
 from clustr_jax import train
 from clustr_jax.data import pathfinder
+from clustr_jax.data.pathfinder import __main__ as pathfinder_cli
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 # A small, fast set: LRA's 32-pixel paddles in a 16-pixel window (the ``cpu`` config's set).
@@ -230,14 +235,55 @@ def test_split_is_80_10_10_seeded_and_disjoint():
 
 
 def test_cli_writes_a_set(tmp_path, capsys):
-  pathfinder.main([f"--output_dir={tmp_path}", "--resolution=32", "--difficulty=easy",
+  pathfinder_cli.main([f"--output_dir={tmp_path}", "--resolution=32", "--difficulty=easy",
                    "--num_images=2", "--images_per_batch=2", "--set=num_distractor_snakes=0",
                    "--no_progress"])
   assert capsys.readouterr().out.strip() == str(tmp_path)
   images, _ = pathfinder.read_release(tmp_path, 32)
   assert images.shape == (2, 32, 32)
   with pytest.raises(SystemExit):
-    pathfinder.main([f"--output_dir={tmp_path}/b", "--set=bogus=1"])
+    pathfinder_cli.main([f"--output_dir={tmp_path}/b", "--set=bogus=1"])
+
+
+def test_cli_runs_as_a_module():
+  result = subprocess.run([sys.executable, "-m", "clustr_jax.data.pathfinder", "--help"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120, check=True)
+  assert "--output_dir" in result.stdout and "--set NAME=VALUE" in result.stdout
+  assert not result.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# Dataset adapter (config built here; the configs' own tests are below).
+# ---------------------------------------------------------------------------------------------
+def _small_dataset_config(data_dir, **generator):
+  params = dataclasses.asdict(SMALL)
+  del params["window_size"]
+  params.update(num_images=20, images_per_batch=8, seed=0, workers=0, **generator)
+  return ml_collections.ConfigDict({"dataset": dict(
+      name="pathfinder", resolution=16, max_length=256, data_dir=str(data_dir), generate=True,
+      split_seed=0, generator=params)})
+
+
+def test_load_dataset_renders_once_then_reads(tmp_path):
+  config = _small_dataset_config(tmp_path / "set")
+  dataset = data_lib.get(config, "/unused")
+  assert (tmp_path / "set" / "generator.json").is_file()
+  assert not (tmp_path / "set" / ".generate_once.json").exists()  # One process: no marker.
+  assert dict(dataset.model_kwargs) == {"vocab_size": 256, "num_classes": 2, "max_length": 256}
+  assert dataset.example_spec == {"inputs": ((256,), np.uint8), "targets": ((), np.int32)}
+  assert [len(dataset.splits[s]["targets"]) for s in ("train", "val", "test")] == [16, 2, 2]
+  images, labels = pathfinder.read_release(tmp_path / "set", 16)
+  np.testing.assert_array_equal(dataset.splits["test"]["inputs"],
+                                pathfinder.split(images, labels)["test"]["inputs"])
+
+
+def test_load_dataset_errors(tmp_path):
+  with pytest.raises(ValueError, match=r"unknown key\(s\) \['bogus'\]; valid: .*contour_length"):
+    data_lib.get(_small_dataset_config(tmp_path, bogus=1), "/unused")
+  config = _small_dataset_config(tmp_path)
+  config.dataset.max_length = 1024
+  with pytest.raises(ValueError, match=r"max_length=1024 must be resolution \*\* 2 = 256"):
+    data_lib.get(config, "/unused")
 
 
 # ---------------------------------------------------------------------------------------------

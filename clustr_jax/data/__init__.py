@@ -1,17 +1,25 @@
 """Datasets: released file formats, the generators that benchmarks publish, Grain pipelines.
 
-``listops``  the LRA ListOps generator, tokenizer, evaluator and TSV reader.
-``text``     LRA Text: IMDb at byte level (aclImdb folders or TFDS ``imdb_reviews``).
-``retrieval`` LRA Retrieval: AAN document pairs at byte level (the release's TSVs), two inputs.
-``cifar``    LRA Image: grayscale CIFAR-10 as pixel tokens (binary release or TFDS ``cifar10``).
-``pathfinder`` the Pathfinder / Path-X generator and the LRA release-layout reader.
-``pipeline`` deterministic, per-process sharded, checkpointable Grain train and eval iterators.
-``imagenet`` ImageNet (TFDS ``imagenet2012`` or an ImageNet-layout folder) with DeiT's
-           preprocessing; ``augment`` its timm-semantics augmentations (numpy and Pillow).
+Each dataset's ``config.dataset.name`` is the name of its module (or package) here:
 
-The train loop sees a dataset only through ``get(config, workdir) -> Dataset`` (below): a dataset
-family module registered in ``_REGISTRY`` defines ``load_dataset(config, workdir) -> Dataset``.
-Adding a family: one module with that function and one line in ``_REGISTRY``.
+``listops``     LRA ListOps: the generator, the TSV release reader, the train-loop adapter and a
+                ``python -m`` command line (package).
+``text``        LRA Text: IMDb at byte level (aclImdb folders or TFDS ``imdb_reviews``).
+``retrieval``   LRA Retrieval: AAN document pairs at byte level (the release's TSVs), two inputs.
+``image``       LRA Image: grayscale CIFAR-10 as pixel tokens (binary release or TFDS ``cifar10``).
+``pathfinder``  LRA Pathfinder and Path-X: the generator, the release-layout reader, the
+                train-loop adapter and a ``python -m`` command line (package).
+``imagenet``    ImageNet (TFDS ``imagenet2012`` or an ImageNet-layout folder) with DeiT's
+                preprocessing; ``augment`` its timm-semantics augmentations (numpy and Pillow).
+
+Shared parts: ``pipeline``, deterministic, per-process sharded, checkpointable Grain train and
+eval iterators; ``generated``, "generate on process 0, the other processes wait".
+
+The train loop sees a dataset only through ``get(config, workdir) -> Dataset`` (below): the
+module ``clustr_jax.data.<config.dataset.name>`` defines ``load_dataset(config, workdir) ->
+Dataset``. Adding a dataset: one module (or package) with that function and its name in
+``NAMES``. The names before the modules were named after them (``imdb``, ``aan``, ``cifar10``)
+raise an error that gives the new name.
 """
 
 from __future__ import annotations
@@ -28,15 +36,11 @@ import numpy as np
 
 from clustr_jax.data import pipeline
 
-# config.dataset.name -> module defining load_dataset(config, workdir). Imported lazily.
-_REGISTRY: dict[str, str] = {
-    "listops": "clustr_jax.data.listops",
-    "imdb": "clustr_jax.data.text",
-    "aan": "clustr_jax.data.retrieval",
-    "cifar10": "clustr_jax.data.cifar",
-    "pathfinder": "clustr_jax.data.pathfinder",
-    "imagenet": "clustr_jax.data.imagenet",
-}
+# config.dataset.name values; each is a module (or package) of this package defining
+# load_dataset(config, workdir), imported when first asked for.
+NAMES: tuple[str, ...] = ("listops", "text", "retrieval", "image", "pathfinder", "imagenet")
+# Former names -> the current ones (``get`` raises an error naming the new one).
+RENAMED: dict[str, str] = {"imdb": "text", "aan": "retrieval", "cifar10": "image"}
 
 
 class Dataset(Protocol):
@@ -136,23 +140,29 @@ def describe_differences(stored: Mapping[str, Any], requested: Mapping[str, Any]
 
 
 def names() -> tuple[str, ...]:
-  """The registered dataset names (``config.dataset.name``)."""
-  return tuple(_REGISTRY)
+  """The dataset names (``config.dataset.name``), ``NAMES``."""
+  return NAMES
 
 
 def get(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> Dataset:
   """Loads the dataset that ``config.dataset`` describes (generating or preparing it if asked).
 
   Args:
-    config: the whole run config; ``config.dataset.name`` picks the family.
+    config: the whole run config; ``config.dataset.name`` (one of ``NAMES``) picks the module
+      ``clustr_jax.data.<name>``.
     workdir: the run's directory (default place for generated data).
 
   Raises:
-    ValueError: unknown ``config.dataset.name`` (the message lists the valid names); the
-      family's own errors (missing files with their paths, malformed records with file and line).
+    ValueError: a former name (``RENAMED``; the message gives the new one, e.g.
+      "config.dataset.name='cifar10' was renamed to 'image'"), an unknown
+      ``config.dataset.name`` (the message lists the valid names); the dataset's own errors
+      (missing files with their paths, malformed records with file and line).
   """
   name = config.dataset.name
-  if name not in _REGISTRY:
-    raise ValueError(f"config.dataset.name={name!r} unknown; valid: {', '.join(_REGISTRY)}")
-  module = importlib.import_module(_REGISTRY[name])
+  if name in RENAMED:
+    raise ValueError(f"config.dataset.name={name!r} was renamed to {RENAMED[name]!r} (dataset "
+                     f"names are the module names in clustr_jax/data/); valid: {', '.join(NAMES)}")
+  if name not in NAMES:
+    raise ValueError(f"config.dataset.name={name!r} unknown; valid: {', '.join(NAMES)}")
+  module = importlib.import_module(f"{__name__}.{name}")
   return module.load_dataset(config, pathlib.Path(workdir))

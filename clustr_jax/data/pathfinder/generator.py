@@ -1,4 +1,4 @@
-r"""Pathfinder and Path-X (Linsley et al. 2018; LRA, Tay et al. 2021): generator, reader, dataset.
+"""The Pathfinder / Path-X generator (Linsley et al. 2018; LRA, Tay et al. 2021).
 
 A Pathfinder image shows two target contours, a few distractor contours and two marker disks; the
 label says whether both markers sit on the same contour (1) or not (0). Contours are chains of
@@ -9,13 +9,6 @@ Sources (../shared/reference/data_formats.md §2 and lra.md §3-§5.2, §6):
   * The generator of ``drewlinsley/pathfinder`` @ 7b538865 (``snakes2.py``, ``snakes.py``), with
     LRA's parameters from the docstrings of ``lra_benchmarks/data/pathfinder.py``
     (``lra_parameters``).
-  * The LRA release layout, read by ``read_release``::
-
-      <root>/metadata/<k>.npy         plain text despite the extension: one row per image,
-                                      "imgs/<k> sample_<i>.png <i> <label> <continuity> ..."
-      <root>/imgs/<k>/sample_<i>.png  8-bit grayscale
-
-    with ``<root>`` e.g. ``lra_release/pathfinder32/curv_contour_length_14``.
 
 The algorithm (``render_image``), for one image:
   1. label ~ Bernoulli(0.5); margin m uniform from ``paddle_margin_list``.
@@ -59,27 +52,14 @@ Choices where the official code leaves one open, or is broken (each documented w
     it); the seeding structure element is offset by one pixel from its anchor. So the label is
     the generator's (which contour carries the second marker), not always decidable from pixel
     connectivity alone.
-  * Splits: LRA takes TFDS ``[:80%]`` / ``[80%:90%]`` / ``[90%:]`` of a Beam-built order that
-    cannot be rebuilt; ``split`` shuffles all images with a seeded permutation (as S4's reader)
-    and takes 80% / 10% / 10%.
-  * Zero-byte images (one in the release, ``pathfinder32/curv_baseline/imgs/0/sample_172.png``)
-    are dropped with a warning, as LRA's builder and S4's reader drop them; every other unreadable
-    image is an error naming the file and the metadata line.
 
-Tokens are the raw pixel values 0..255 (vocabulary 256, not normalised, LRA ``normalize=False``),
-flattened row-major to ``resolution ** 2``. LRA's encoder treats token 0 as padding (mask
-``inputs > 0``), so black pixels take no part in attention: that quirk belongs to the model
-(``clustr_jax/models/lra.py`` field ``zero_is_padding``, on in the faithful configs).
-
-Command line::
-
-  python -m clustr_jax.data.pathfinder --output_dir=/tmp/pf32_hard               # 200,000 images
-  python -m clustr_jax.data.pathfinder --output_dir=/tmp/px --resolution=128 --num_images=1000
+``generate`` writes a set in the LRA release layout (``release``: ``imgs/<k>/sample_<i>.png`` and
+one ``metadata/<k>.npy`` row per image); ``ensure_generated`` does so unless the directory
+already holds that set, and resumes an interrupted one.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import json
@@ -88,7 +68,6 @@ import multiprocessing
 import os
 import pathlib
 import uuid
-from collections.abc import Iterator, Sequence
 
 import numpy as np
 from absl import logging
@@ -98,13 +77,10 @@ from tqdm import tqdm
 
 from clustr_jax import data as data_lib
 
-NUM_CLASSES = 2
-VOCAB_SIZE = 256  # Pixel values are the token ids.
 GENERATOR_VERSION = 1  # Stored with generated sets; bump when the same seed gives other images.
 # LRA release directory names of the three difficulties, and their contour lengths.
 DIFFICULTIES = {"easy": ("curv_baseline", 6), "intermediate": ("curv_contour_length_9", 9),
                 "hard": ("curv_contour_length_14", 14)}
-SPLIT_FRACTIONS = (0.8, 0.1, 0.1)  # LRA: train [:80%], val [80%:90%], test [90%:].
 MAX_PAIR_ATTEMPTS = 10_000
 # A paddle is rejected where occupancy + its dilated mask reaches this (official threshold).
 _OVERLAP_THRESHOLD = 1.8
@@ -677,224 +653,3 @@ def ensure_generated(out_dir: str | os.PathLike, params: PathfinderParams, *, nu
     _write_atomically(description, (json.dumps(wanted, indent=2, sort_keys=True) + "\n").encode())
   return generate(root, params, num_images=num_images, images_per_batch=images_per_batch,
                   seed=seed, workers=workers, progress=progress)
-
-
-# ---------------------------------------------------------------------------------------------
-# Reading the release layout.
-# ---------------------------------------------------------------------------------------------
-def _metadata_files(root: pathlib.Path) -> list[pathlib.Path]:
-  """``root/metadata/*.npy`` in numeric order of their names (0, 1, ..., 10, ...)."""
-  directory = root / "metadata"
-  if not directory.is_dir():
-    raise FileNotFoundError(f"Pathfinder metadata directory missing: {directory} (expected "
-                            f"<root>/metadata/<k>.npy and <root>/imgs/<k>/sample_<i>.png)")
-  files = sorted(directory.glob("*.npy"), key=lambda p: (not p.stem.isdigit(),
-                                                         int(p.stem) if p.stem.isdigit() else 0,
-                                                         p.name))
-  if not files:
-    raise FileNotFoundError(f"no metadata files {directory}/*.npy")
-  return files
-
-
-def _records(root: pathlib.Path) -> Iterator[tuple[str, pathlib.Path, int]]:
-  """(``<metadata file>:<line>``, image path, label) of every row, in file and line order."""
-  for path in _metadata_files(root):
-    try:
-      text = path.read_text(encoding="ascii")
-    except UnicodeDecodeError as e:
-      raise ValueError(f"{path}: not a text metadata file ({e}); the release's metadata/*.npy "
-                       f"files are plain text") from None
-    for line_number, line in enumerate(text.splitlines(), start=1):
-      if not line.strip():
-        continue
-      where = f"{path}:{line_number}"
-      fields = line.split()
-      if len(fields) < 4:
-        raise ValueError(f"{where}: expected at least 4 space-separated fields (sub-directory, "
-                         f"file, index, label, ...), found {len(fields)}: {line[:80]!r}")
-      if fields[3] not in ("0", "1"):
-        raise ValueError(f"{where}: label (field 4) {fields[3]!r} is not 0 or 1")
-      yield where, root / fields[0] / fields[1], int(fields[3])
-
-
-def read_release(root: str | os.PathLike, resolution: int, *,
-                 progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
-  """Reads a Pathfinder set in the LRA release layout (module docstring).
-
-  Args:
-    root: the set's directory, e.g. ``lra_release/pathfinder32/curv_contour_length_14``.
-    resolution: the expected image side (32, 64, 128, 256).
-    progress: show a tqdm progress bar.
-
-  Returns:
-    (images uint8 [n, resolution, resolution], labels int32 [n]) in metadata-file order
-    (numeric file names), then line order. Zero-byte images are left out, with a warning.
-
-  Raises:
-    FileNotFoundError: no metadata directory or files, or an image a row names is missing (the
-      message gives the metadata file and line, and the image path).
-    ValueError: a malformed row (fewer than 4 fields, a label not 0/1), an image that does not
-      decode (e.g. truncated), is not 8-bit grayscale of ``resolution`` x ``resolution``, or no
-      images at all; each message starts with ``<metadata file>:<line>:``.
-  """
-  root = pathlib.Path(root)
-  records = list(_records(root))
-  images = np.zeros((len(records), resolution, resolution), np.uint8)
-  labels = np.zeros((len(records),), np.int32)
-  n = 0
-  skipped = []
-  for where, path, label in tqdm(records, unit="img", desc=f"Reading {root.name}",
-                                 disable=not progress):
-    try:
-      size = path.stat().st_size
-    except FileNotFoundError:
-      raise FileNotFoundError(f"{where}: image {path} is missing") from None
-    if size == 0:
-      skipped.append(str(path))
-      continue
-    try:
-      with Image.open(path) as image:
-        image.load()
-        mode, shape, pixels = image.mode, image.size, np.asarray(image)
-    except (OSError, SyntaxError, ValueError) as e:
-      raise ValueError(f"{where}: image {path} does not decode ({e})") from None
-    if mode != "L" or shape != (resolution, resolution):
-      raise ValueError(f"{where}: image {path} is {shape[0]}x{shape[1]} mode {mode!r}; expected "
-                       f"{resolution}x{resolution} 8-bit grayscale ('L')")
-    images[n], labels[n] = pixels, label
-    n += 1
-  if skipped:
-    logging.warning("Pathfinder: left out %d empty image file(s) (as LRA and S4 do): %s",
-                    len(skipped), ", ".join(skipped[:5]) + (" ..." if len(skipped) > 5 else ""))
-  if n == 0:
-    raise ValueError(f"{root}: no images")
-  return images[:n], labels[:n]
-
-
-def split(images: np.ndarray, labels: np.ndarray, *,
-          seed: int = 0) -> dict[str, dict[str, np.ndarray]]:
-  """LRA's 80/10/10 train/val/test split after a seeded permutation (see the module docstring).
-
-  Args:
-    images: uint8 [n, h, w]; labels: int32 [n].
-    seed: the permutation's seed (``numpy.random.default_rng``).
-
-  Returns:
-    ``{'train'|'val'|'test': {'inputs': uint8 [k, h * w] (row-major pixels), 'targets':
-    int32 [k]}}`` with k = floor(0.8 n), floor(0.9 n) - floor(0.8 n) and the rest.
-
-  Raises:
-    ValueError: fewer than 10 images, or images and labels of different lengths.
-  """
-  n = len(images)
-  if n != len(labels) or n < 10:
-    raise ValueError(f"split needs as many labels as images and at least 10 of them; got "
-                     f"{n} images and {len(labels)} labels")
-  order = np.random.default_rng(seed).permutation(n)
-  bounds = np.floor(np.cumsum(SPLIT_FRACTIONS)[:2] * n).astype(int)
-  parts = np.split(order, bounds)
-  flat = images.reshape(n, -1)
-  return {name: {"inputs": flat[part], "targets": labels[part].astype(np.int32)}
-          for name, part in zip(("train", "val", "test"), parts)}
-
-
-def dataset_config(resolution: int, difficulty: str, num_images: int) -> dict:
-  """``config.dataset`` (as a dict) of a set rendered with ``lra_parameters(resolution,
-  difficulty)``, for ``configs/lra/{pathfinder,pathx}.py``: ``generator`` holds every
-  ``PathfinderParams`` field except ``window_size`` (= ``resolution``)."""
-  params = dataclasses.asdict(lra_parameters(resolution, difficulty))
-  del params["window_size"]
-  return dict(name="pathfinder", resolution=resolution, max_length=resolution * resolution,
-              data_dir=None, generate=True, split_seed=0,
-              generator=dict(params, num_images=num_images, images_per_batch=1000, seed=0,
-                             workers=0))
-
-
-def load_dataset(config, workdir: pathlib.Path) -> data_lib.ArrayDataset:
-  """The train loop's Pathfinder / Path-X dataset (``clustr_jax.data.get``) from ``config.dataset``.
-
-  Keys: ``resolution`` (image side), ``data_dir`` (the set's root; default
-  ``<workdir>/data/pathfinder<resolution>``), ``generate`` (render the set first on process 0
-  with ``generator``: the ``PathfinderParams`` fields except ``window_size``, plus
-  ``num_images``, ``images_per_batch``, ``seed``, ``workers``), ``split_seed``.
-
-  Returns:
-    An ``ArrayDataset`` of ``{'inputs': uint8 [n, resolution ** 2], 'targets': int32 [n]}`` per
-    split, with model defaults ``vocab_size`` 256, ``num_classes`` 2, ``max_length``.
-
-  Raises:
-    ValueError: a ``generator`` key that is not a parameter (the message names it), bad
-      parameter values; and as ``ensure_generated``, ``read_release`` and ``split``.
-  """
-  import jax  # pylint: disable=g-import-not-at-top  (the generator and reader need no JAX)
-  ds = config.dataset
-  resolution = int(ds.resolution)
-  if ds.get("max_length", resolution * resolution) != resolution * resolution:
-    raise ValueError(f"config.dataset.max_length={ds.max_length} must be resolution ** 2 = "
-                     f"{resolution * resolution} (config.dataset.resolution={resolution})")
-  data_dir = (pathlib.Path(ds.data_dir) if ds.data_dir
-              else workdir / "data" / f"pathfinder{resolution}")
-  if ds.generate and jax.process_index() == 0:
-    settings = ds.generator.to_dict()
-    run = {k: settings.pop(k) for k in ("num_images", "images_per_batch", "seed", "workers")
-           if k in settings}
-    fields = {f.name for f in dataclasses.fields(PathfinderParams)} - {"window_size"}
-    unknown = sorted(set(settings) - fields)
-    if unknown:
-      raise ValueError(f"config.dataset.generator has unknown key(s) {unknown}; valid: "
-                       f"{', '.join(sorted(fields | set(run)))}")
-    params = PathfinderParams(window_size=resolution, **settings)
-    ensure_generated(data_dir, params, progress=True, **run)
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    multihost_utils.sync_global_devices("dataset_ready")
-  images, labels = read_release(data_dir, resolution, progress=True)
-  return data_lib.ArrayDataset(
-      split(images, labels, seed=ds.split_seed),
-      model_kwargs={"vocab_size": VOCAB_SIZE, "num_classes": NUM_CLASSES,
-                    "max_length": resolution * resolution})
-
-
-# ---------------------------------------------------------------------------------------------
-# Command line.
-# ---------------------------------------------------------------------------------------------
-def main(argv: Sequence[str] | None = None) -> None:
-  """Command line: LRA's parameters for a resolution and difficulty, each overridable."""
-  parser = argparse.ArgumentParser(
-      prog="python -m clustr_jax.data.pathfinder",
-      description="Render a Pathfinder set in the LRA release layout (seeded).")
-  parser.add_argument("--output_dir", required=True, help="the set's root directory")
-  parser.add_argument("--resolution", type=int, default=32, help="32, 64, 128 (Path-X) or 256")
-  parser.add_argument("--difficulty", default="hard", choices=tuple(DIFFICULTIES))
-  parser.add_argument("--num_images", type=int, default=200_000)
-  parser.add_argument("--images_per_batch", type=int, default=1000)
-  parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--workers", type=int, default=0, help="rendering processes")
-  parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
-                      help="override a parameter, e.g. --set num_distractor_snakes=0 "
-                           "(lists comma-separated); repeatable")
-  parser.add_argument("--no_progress", action="store_true", help="hide the progress bar")
-  args = parser.parse_args(argv)
-  try:
-    params = lra_parameters(args.resolution, args.difficulty)
-    overrides = {}
-    for item in args.set:
-      name, _, value = item.partition("=")
-      if name not in {f.name for f in dataclasses.fields(PathfinderParams)}:
-        raise ValueError(f"--set {item!r}: {name!r} is not a parameter")
-      default = getattr(params, name)
-      if isinstance(default, tuple):
-        overrides[name] = tuple(type(default[0])(v) for v in value.split(","))
-      else:
-        overrides[name] = type(default)(value)
-    params = dataclasses.replace(params, **overrides)
-    root = ensure_generated(args.output_dir, params, num_images=args.num_images,
-                            images_per_batch=args.images_per_batch, seed=args.seed,
-                            workers=args.workers, progress=not args.no_progress)
-  except ValueError as e:
-    parser.error(str(e))
-  print(root)
-
-
-if __name__ == "__main__":
-  main()
