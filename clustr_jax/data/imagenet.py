@@ -3,7 +3,7 @@ preprocessing, Grain pipelines.
 
 Sources (``config.dataset.source``):
   'folder'  ``<data_dir>/<split>/<wnid>/*.JPEG`` (also .jpg/.jpeg/.png, any case), e.g. the
-            Imagenette sample ../shared/data/imagenette_224 or an ImageNet tree extracted from the
+            Imagenette sample or an ImageNet tree extracted from the
             tars. Files are listed in sorted order.
   'tfds'    ``tfds.data_source('imagenet2012', split=..., data_dir=...)`` (ArrayRecord, read
             without TensorFlow, images kept as JPEG bytes by ``SkipDecoding`` and decoded here).
@@ -491,9 +491,3 @@ def load_dataset(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> Im
     logging.info("ImageNet %s: %s, %d images", role, splits[role], len(source))
   return ImageNetDataset(sources, num_classes, train_options(ds), crop_pct=ds.crop_pct,
                          read_threads=ds.get("read_threads", 8))
-
-
-#: The Imagenette sample (10 ImageNet classes, 120 train + 30 val images each, 224 x 224) that
-#: the CPU configs read by default, relative to the repository root.
-IMAGENETTE_SAMPLE = pathlib.Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / \
-    "imagenette_224"

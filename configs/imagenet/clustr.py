@@ -10,7 +10,8 @@ random erasing 0.25, mixup 0.8 / cutmix 1.0, label smoothing 0.1, repeated augme
 jitter 0.4 is inactive under RandAugment in timm); no EMA, no distillation.
 
 ``cpu``: ClusTR-T (11.7M parameters) at 64 x 64 px (stage grids 16, 8, 4, 2; 4 and 16 clusters
-per clustered stage) from scratch on the Imagenette sample for ``steps`` steps of batch 64, lr
+per clustered stage) from scratch on an Imagenette sample (``data_dir``: an ImageNet-layout
+folder) for ``steps`` steps of batch 64, lr
 1e-3 with warmup over the first tenth of the steps, light augmentation (crop and flip), no
 drop path.
 
@@ -19,7 +20,8 @@ Args: model=clustr_t|clustr_s|clustr_b, cpu, steps, data_dir, source=folder|tfds
   python -m clustr_jax.main \
       --config=configs/imagenet/clustr.py:model=clustr_s,data_dir=/data/imagenet \
       --workdir=workdir/clustr_s
-  python -m clustr_jax.main --config=configs/imagenet/clustr.py:cpu --workdir=workdir/clustr_t_cpu
+  python -m clustr_jax.main --config=configs/imagenet/clustr.py:cpu,data_dir=/path/to/imagenette \
+      --workdir=workdir/clustr_t_cpu
 """
 
 from configs import common

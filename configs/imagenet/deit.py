@@ -10,17 +10,18 @@ and cls_token, timm cosine over 300 epochs with 5 warmup epochs from 1e-6 to the
 floor(1,281,167 // 256 * 256 / batch) = 1,251 steps (RASampler).
 
 ``cpu``: DeiT-Ti's architecture (12 blocks, width 192, 3 heads) at 64 x 64 px with 16 x 16
-patches (17 tokens), trained from scratch on the Imagenette sample (1,200 train / 300 val
-images, 10 classes) for ``steps`` steps of batch 64: lr 1e-3 (5e-4 * 64 / 512 = 6e-5 barely
+patches (17 tokens), trained from scratch on an Imagenette sample (``data_dir``; 1,200 train /
+300 val images, 10 classes) for ``steps`` steps of batch 64: lr 1e-3 (5e-4 * 64 / 512 = 6e-5 barely
 moves in minutes), warmup over the first tenth of the steps, light augmentation (crop and
 flip), no EMA, no drop path.
 
-Args (comma-separated): model=deit_ti|deit_s|deit_b, attention=dense|clustr|cast|sparsifiner,
-cpu, steps (CPU steps), data_dir, source=folder|tfds.
+Args (comma-separated): model=deit_ti|deit_s|deit_b, attention=<any registered mechanism>, cpu,
+steps (CPU steps), data_dir, source=folder|tfds.
 
   python -m clustr_jax.main --config=configs/imagenet/deit.py:model=deit_s,data_dir=/data/imagenet \
       --workdir=workdir/deit_s
-  python -m clustr_jax.main --config=configs/imagenet/deit.py:cpu,attention=cast \
+  python -m clustr_jax.main \
+      --config=configs/imagenet/deit.py:cpu,attention=cast,data_dir=/path/to/imagenette \
       --workdir=workdir/deit_ti_cpu_cast
 """
 

@@ -17,14 +17,18 @@ n_down = N // 6, c = d // 2.
 See ``clustr_jax/distill.py`` for the losses, freezing and EMA.
 
 ``cpu``: the same two stages on DeiT-Ti with Sparsifiner attention at 64 x 64 px, 16 x 16 patches
-(17 tokens) on the Imagenette sample, batch 64, no EMA, light augmentation; the teacher is the
+(17 tokens) on an Imagenette sample (``data_dir``),
+batch 64, no EMA, light augmentation; the teacher is the
 dense DeiT-Ti of ``configs/imagenet/deit.py:cpu`` (its checkpoints by default), which also
 initialises stage 1:
 
-  python -m clustr_jax.main --config=configs/imagenet/deit.py:cpu --workdir=workdir/deit_ti_cpu
-  python -m clustr_jax.main --config=configs/imagenet/sparsifiner.py:cpu,stage=recon \
+  python -m clustr_jax.main --config=configs/imagenet/deit.py:cpu,data_dir=/path/to/imagenette \
+      --workdir=workdir/deit_ti_cpu
+  python -m clustr_jax.main \
+      --config=configs/imagenet/sparsifiner.py:cpu,stage=recon,data_dir=/path/to/imagenette \
       --workdir=workdir/sparsifiner_cpu_recon
-  python -m clustr_jax.main --config=configs/imagenet/sparsifiner.py:cpu,stage=distill \
+  python -m clustr_jax.main \
+      --config=configs/imagenet/sparsifiner.py:cpu,stage=distill,data_dir=/path/to/imagenette \
       --workdir=workdir/sparsifiner_cpu_distill
 
 Args: stage=recon|distill, cpu, steps, init_checkpoint, teacher_checkpoint, data_dir,

@@ -17,7 +17,8 @@ experiments/lra/results/lra_cpu_sweep.md).
 
 Args (comma-separated, e.g. ``:cpu,attention=cast``):
   cpu        the CPU-sized variant.
-  attention  dense | clustr | cast | sparsifiner, each with settings that fit the length.
+  attention  any registered mechanism (dense, clustr, cast, sparsifiner, ...), sized for the
+             length by the mechanism itself (``clustr_jax.attention.sized_for``).
 
   python -m clustr_jax.main --config=configs/lra/image.py:cpu --workdir=workdir/image_cpu \
       --config.dataset.data_dir=/path/to/cifar-10-batches-bin

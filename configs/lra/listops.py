@@ -15,7 +15,8 @@ qkv 128, MLP 256), batch 32, 2,000 steps, lr 0.02 * warmup(200) * rsqrt_decay, n
 
 Args (comma-separated, e.g. ``:cpu,attention=cast``):
   cpu        the CPU-sized variant.
-  attention  dense | clustr | cast | sparsifiner, each with settings that fit the length.
+  attention  any registered mechanism (dense, clustr, cast, sparsifiner, ...), sized for the
+             length by the mechanism itself (``clustr_jax.attention.sized_for``).
 
   python -m clustr_jax.main --config=configs/lra/listops.py:cpu --workdir=workdir/listops_cpu
   python -m clustr_jax.main --config=configs/lra/listops.py --workdir=/tmp/listops

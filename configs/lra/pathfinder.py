@@ -6,7 +6,7 @@ transformer_base}.py``, ``docs/lra.md``): 4 layers, emb 32, 4 heads, qkv 16, MLP
 sinusoidal positions, MEAN pooling, dropout 0.2 / attention dropout 0.1, batch 512, 62,400 steps
 (200 epochs of 160,000 images), Adam(0.9, 0.98, 1e-9), lr 1e-3 * linear_warmup(312) *
 cosine_decay, no weight decay, evaluation every epoch (312 steps). Data: the ``hard`` set
-(``curv_contour_length_14``) of 200,000 images, split 80/10/10 (``clustr_jax/data/pathfinder.py``),
+(``curv_contour_length_14``) of 200,000 images, split 80/10/10 (``clustr_jax/data/pathfinder/``),
 rendered here first unless ``dataset.data_dir`` points at the LRA release
 (``lra_release/pathfinder32/curv_contour_length_14``, with ``dataset.generate=False``). LRA's
 Transformer reaches 71.40% test accuracy; users report ~50% with these sinusoidal positions and
@@ -26,7 +26,8 @@ MLP 128) with learned positions, no dropout; batch 32, 800 steps, lr 2e-3 * warm
 
 Args (comma-separated, e.g. ``:cpu,attention=cast``):
   cpu         the CPU-sized variant.
-  attention   dense | clustr | cast | sparsifiner, each with settings that fit the length.
+  attention   any registered mechanism (dense, clustr, cast, sparsifiner, ...), sized for the
+              length by the mechanism itself (``clustr_jax.attention.sized_for``).
   difficulty  hard (LRA's Pathfinder) | intermediate | easy: contour length 14 / 9 / 6.
 
   python -m clustr_jax.main --config=configs/lra/pathfinder.py:cpu --workdir=workdir/pathfinder_cpu

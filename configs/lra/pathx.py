@@ -7,7 +7,7 @@ learned positions, MEAN pooling, dropout 0.1 / 0.1, batch 64, 500,000 steps (200
 160,000 images), Adam(0.9, 0.98, 1e-9), lr 1e-3 * linear_warmup(2,500) * cosine_decay, no
 weight decay, gradient clipping at norm 1, evaluation every epoch (2,500 steps). Data: the
 ``hard`` 128-pixel set (``curv_contour_length_14``) of 200,000 images, split 80/10/10
-(``clustr_jax/data/pathfinder.py``). Rendering takes about 0.6 CPU-seconds per 128-pixel image
+(``clustr_jax/data/pathfinder/``). Rendering takes about 0.6 CPU-seconds per 128-pixel image
 (measured here), some 35 CPU-hours for the set (``--config.dataset.generator.workers=N`` renders
 in parallel); the LRA release
 (``lra_release/pathfinder128/curv_contour_length_14``, with ``dataset.generate=False``) is read
@@ -22,7 +22,8 @@ model, pooling, positions, clipping and schedule stay those of Path-X.
 
 Args (comma-separated, e.g. ``:cpu,attention=cast``):
   cpu         the CPU-sized variant.
-  attention   dense | clustr | cast | sparsifiner, each with settings that fit the length.
+  attention   any registered mechanism (dense, clustr, cast, sparsifiner, ...), sized for the
+              length by the mechanism itself (``clustr_jax.attention.sized_for``).
   difficulty  hard (LRA's Path-X) | intermediate | easy.
 
   python -m clustr_jax.main --config=configs/lra/pathx.py --workdir=/tmp/pathx \

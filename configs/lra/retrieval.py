@@ -14,7 +14,8 @@ no dropout, batch 8, 100 steps, lr 1e-3 * warmup(10) * cosine decay, no weight d
 
 Args (comma-separated, e.g. ``:cpu,attention=cast``):
   cpu        the CPU-sized variant.
-  attention  dense | clustr | cast | sparsifiner, each with settings that fit the length.
+  attention  any registered mechanism (dense, clustr, cast, sparsifiner, ...), sized for the
+             length by the mechanism itself (``clustr_jax.attention.sized_for``).
 
   python -m clustr_jax.main --config=configs/lra/retrieval.py --workdir=/tmp/retrieval \
       --config.dataset.data_dir=/path/to/lra_release/tsv_data

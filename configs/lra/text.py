@@ -15,7 +15,8 @@ against 0.50 for chance, experiments/lra/results/lra_cpu_sweep.md).
 
 Args (comma-separated, e.g. ``:cpu,attention=cast``):
   cpu         the CPU-sized variant.
-  attention   dense | clustr | cast | sparsifiner, each with settings that fit the length.
+  attention   any registered mechanism (dense, clustr, cast, sparsifiner, ...), sized for the
+              length by the mechanism itself (``clustr_jax.attention.sized_for``).
   max_length  bytes per review (default 1000; 512 with cpu).
 
   python -m clustr_jax.main --config=configs/lra/text.py:cpu --workdir=workdir/text_cpu \

@@ -1,6 +1,6 @@
 r"""The LRA ListOps generator (Nangia & Bowman 2018; LRA, Tay et al. 2021) and an evaluator.
 
-Sources (see ../shared/reference/lra.md §5.1, §6 and data_formats.md §1):
+Sources (``docs/lra.md``, "The ListOps generator"; ``docs/data_formats.md``, ListOps):
   * LRA ``lra_benchmarks/data/listops.py``: the generator reproduced here (operators ``[MIN``,
     ``[MAX``, ``[MED``, ``[SM`` over the digits 0-9, closing ``]``; trees of depth <= 10 with 2-10
     arguments per operator, leaf probability 0.75 below the depth limit; 500 < length < 2,000).

@@ -1,6 +1,6 @@
 """ListOps files in the LRA release format: vocabulary, tokenizer, TSV reader and writer.
 
-Sources (see ../shared/reference/lra.md §5.1, §6 and data_formats.md §1):
+Sources (``docs/lra.md``, "The ListOps generator"; ``docs/data_formats.md``, ListOps):
   * LRA ``lra_benchmarks/listops/input_pipeline.py``: the reader and tokenizer (``]`` -> ``X``,
     ``(`` and ``)`` dropped, whitespace split, ids zero-padded / truncated to ``max_length``).
   * N. Nangia and S. R. Bowman, "ListOps: A Diagnostic Dataset for Latent Tree Learning",

@@ -5,7 +5,7 @@ label says whether both markers sit on the same contour (1) or not (0). Contours
 short line segments ("paddles") separated by small gaps. LRA's "Pathfinder" is the 32 x 32
 ``hard`` set (1,024 tokens), "Path-X" the 128 x 128 ``hard`` set (16,384 tokens).
 
-Sources (../shared/reference/data_formats.md §2 and lra.md §3-§5.2, §6):
+Sources (``docs/lra.md``, "The Pathfinder generator"; ``docs/data_formats.md``, Pathfinder):
   * The generator of ``drewlinsley/pathfinder`` @ 7b538865 (``snakes2.py``, ``snakes.py``), with
     LRA's parameters from the docstrings of ``lra_benchmarks/data/pathfinder.py``
     (``lra_parameters``).
@@ -151,7 +151,7 @@ class PathfinderParams:
 
 
 def lra_parameters(resolution: int = 32, difficulty: str = "hard") -> PathfinderParams:
-  """LRA's parameters (``lra_benchmarks/data/pathfinder.py``; data_formats.md §2.3).
+  """LRA's parameters (``lra_benchmarks/data/pathfinder.py``; ``docs/lra.md``, "The Pathfinder generator").
 
   Args:
     resolution: 32 (Pathfinder), 64, 128 (Path-X) or 256.

@@ -1,6 +1,6 @@
 """Pathfinder / Path-X sets in the LRA release layout: the reader.
 
-Sources (../shared/reference/data_formats.md §2 and lra.md §3-§5.2, §6):
+Sources (``docs/lra.md``, "The Pathfinder generator"; ``docs/data_formats.md``, Pathfinder):
   * The LRA release layout, read by ``read_release``::
 
       <root>/metadata/<k>.npy         plain text despite the extension: one row per image,
