@@ -224,6 +224,42 @@ def merge_params(target: Any, source: Any, *, allow_missing: str | None = None,
   return merged
 
 
+def params_from_checkpoint(params: Any, path: str | pathlib.Path, *,
+                           prefix: str | None = None) -> Any:
+  """``params`` with the subtree ``params[prefix]`` (the whole tree if ``prefix`` is None)
+  loaded from the Orbax checkpoint ``path`` (``load_params``): e.g. a Semantic FPN's 'backbone'
+  from an ImageNet ClusTR classifier (``config.init_checkpoint``, ``config.init_prefix``).
+
+  Checkpoint leaves the subtree lacks (a classifier's 'head') are dropped and logged; every leaf
+  of the subtree must be in the checkpoint with its shape. Leaves outside the subtree (the FPN)
+  keep their initial values.
+
+  Raises:
+    FileNotFoundError: ``path`` holds no checkpoint.
+    KeyError: ``prefix`` is not a top-level key of ``params`` (the message lists them).
+    ValueError: leaves of the subtree missing from the checkpoint, or mis-shaped
+      (``merge_params``).
+  """
+  params = flax.core.unfreeze(params)
+  if prefix and prefix not in params:
+    raise KeyError(f"config.init_prefix={prefix!r} is not a top-level parameter key; valid: "
+                   f"{', '.join(sorted(params))}")
+  target = params[prefix] if prefix else params
+  flat_target = flax.traverse_util.flatten_dict(_without_boxes(target), sep="/")
+  flat_source = flax.traverse_util.flatten_dict(
+      flax.core.unfreeze(load_params(path)), sep="/")
+  dropped = sorted(k for k in flat_source if k not in flat_target)
+  if dropped:
+    logging.info("Initial checkpoint %s: leaving out %d leaves the model lacks: %s", path,
+                 len(dropped), ", ".join(dropped))
+  kept = flax.traverse_util.unflatten_dict(
+      {k: v for k, v in flat_source.items() if k in flat_target}, sep="/")
+  merged = merge_params(target, kept)
+  if not prefix:
+    return merged
+  return {**params, prefix: merged}
+
+
 # ---------------------------------------------------------------------------------------------
 # The stage objectives and their setup from the config.
 # ---------------------------------------------------------------------------------------------

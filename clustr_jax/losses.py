@@ -1,7 +1,10 @@
 """The losses of the train loop and of Sparsifiner's distillation stages.
 
 ``cross_entropy`` and ``correct`` are the classification loss and accuracy of every task (class
-ids or target distributions); ``recon_loss``, ``kl_teacher_student`` and ``token_mse`` are the
+ids or target distributions); ``pixel_cross_entropy``, ``pixel_correct``, ``confusion_matrix`` and
+``segmentation_metrics`` are semantic segmentation's (per-pixel labels with an ignore label,
+docs/segmentation.md); ``task_loss``, ``task_accuracy``, ``eval_sums`` and ``eval_metrics`` pick
+them by the dataset's task (``TASKS``) for the train loop; ``recon_loss``, ``kl_teacher_student`` and ``token_mse`` are the
 terms of Sparsifiner's two stages (official ``lim142857/Sparsifiner`` ``src/losses.py``, see
 ``docs/sparsifiner.md``), combined by ``clustr_jax.distill.Objective``. All return float32.
 """
@@ -13,7 +16,13 @@ from typing import Any
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
+
+#: Dataset tasks (``Dataset.task``): what the loop's loss and evaluation metrics are.
+TASKS = ("classification", "segmentation")
+#: Label of pixels that count in no loss or metric (mmsegmentation's ``ignore_index``).
+IGNORE_LABEL = 255
 
 
 def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
@@ -36,6 +45,149 @@ def correct(logits: jax.Array, targets: jax.Array) -> jax.Array:
   if targets.ndim == logits.ndim:
     targets = jnp.argmax(targets, -1)
   return (jnp.argmax(logits, -1) == targets).astype(jnp.float32)
+
+
+def pixel_cross_entropy(logits: jax.Array, labels: jax.Array,
+                        ignore_label: int = IGNORE_LABEL) -> tuple[jax.Array, jax.Array]:
+  """Per-pixel softmax cross-entropy summed over the labelled pixels, and their count.
+
+  Args:
+    logits: [batch, height, width, classes] (any float dtype; computed in float32).
+    labels: int [batch, height, width], class ids in [0, classes) or ``ignore_label``.
+
+  Returns:
+    (sum float32 [], count int32 []): the mean loss is sum / max(count, 1) (PyTorch's
+    ``F.cross_entropy(ignore_index=255)``; mmsegmentation's ``avg_non_ignore=True``).
+  """
+  valid = labels != ignore_label
+  safe = jnp.where(valid, labels, 0)
+  losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), safe)
+  return jnp.sum(jnp.where(valid, losses, 0.0)), jnp.sum(valid, dtype=jnp.int32)
+
+
+def pixel_correct(logits: jax.Array, labels: jax.Array, ignore_label: int = IGNORE_LABEL
+                  ) -> tuple[jax.Array, jax.Array]:
+  """(correct int32 [], labelled int32 []): labelled pixels whose top logit is the label, and
+  the labelled pixels (``logits`` [B, H, W, K], ``labels`` int [B, H, W])."""
+  valid = labels != ignore_label
+  hits = (jnp.argmax(logits, -1) == labels) & valid
+  return jnp.sum(hits, dtype=jnp.int32), jnp.sum(valid, dtype=jnp.int32)
+
+
+def confusion_matrix(logits: jax.Array, labels: jax.Array,
+                     ignore_label: int = IGNORE_LABEL) -> jax.Array:
+  """int32 [K, K]: entry (t, p) counts the labelled pixels of class t predicted as p (top
+  logit); pixels labelled ``ignore_label`` count nowhere.
+
+  Args:
+    logits: [batch, height, width, K]; labels: int [batch, height, width].
+
+  Counts are int32: sums over batches stay exact up to 2^31 - 1 pixels per entry (ADE20K's
+  whole validation set at 512 px: about 7e8 pixels in all).
+  """
+  num_classes = logits.shape[-1]
+  valid = (labels != ignore_label).reshape(-1)
+  index = jnp.where(valid, labels.reshape(-1) * num_classes
+                    + jnp.argmax(logits, -1).reshape(-1), 0)
+  counts = jnp.zeros((num_classes * num_classes,), jnp.int32).at[index].add(
+      valid.astype(jnp.int32))
+  return counts.reshape(num_classes, num_classes)
+
+
+def segmentation_metrics(confusion: np.ndarray) -> dict[str, Any]:
+  """mmsegmentation's ``mean_iou`` from a confusion matrix [K, K] (rows: label, columns:
+  prediction), summed over a whole split.
+
+  Returns:
+    'miou': mean over classes of IoU = TP / (TP + FP + FN), 'mean_accuracy': mean over classes of
+    TP / (TP + FN), 'pixel_accuracy': sum TP / labelled pixels (floats; a class absent from both
+    labels and predictions has no IoU and no accuracy and is left out of the means, numpy
+    ``nanmean`` as mmsegmentation; 0 when no class has one), 'iou' and 'class_accuracy' (float64
+    [K], NaN where undefined), 'num_pixels' (labelled pixels).
+  """
+  confusion = np.asarray(confusion, np.float64)
+  tp = np.diag(confusion)
+  label_area, pred_area = confusion.sum(1), confusion.sum(0)
+  union = label_area + pred_area - tp
+  with np.errstate(invalid="ignore", divide="ignore"):
+    iou = np.where(union > 0, tp / union, np.nan)
+    accuracy = np.where(label_area > 0, tp / label_area, np.nan)
+  total = float(label_area.sum())
+
+  def mean(values):
+    return float(np.nanmean(values)) if np.isfinite(values).any() else 0.0
+
+  return {"miou": mean(iou), "mean_accuracy": mean(accuracy),
+          "pixel_accuracy": float(tp.sum()) / total if total else 0.0, "iou": iou,
+          "class_accuracy": accuracy, "num_pixels": total}
+
+
+def _check_task(task: str) -> None:
+  if task not in TASKS:
+    raise ValueError(f"dataset task {task!r} unknown; valid: {', '.join(TASKS)}")
+
+
+def task_loss(task: str, logits: jax.Array, targets: jax.Array) -> jax.Array:
+  """The training loss, float32 []: the batch mean of ``cross_entropy`` ('classification') or
+  the mean over labelled pixels of ``pixel_cross_entropy`` ('segmentation').
+
+  Raises:
+    ValueError: unknown ``task``.
+  """
+  _check_task(task)
+  if task == "segmentation":
+    total, count = pixel_cross_entropy(logits, targets)
+    return total / jnp.maximum(count, 1).astype(jnp.float32)
+  return cross_entropy(logits, targets).mean()
+
+
+def task_accuracy(task: str, logits: jax.Array, targets: jax.Array) -> jax.Array:
+  """float32 []: the batch accuracy ('classification') or the pixel accuracy over labelled
+  pixels ('segmentation')."""
+  _check_task(task)
+  if task == "segmentation":
+    hits, count = pixel_correct(logits, targets)
+    return hits.astype(jnp.float32) / jnp.maximum(count, 1).astype(jnp.float32)
+  return jnp.mean(correct(logits, targets))
+
+
+def eval_sums(task: str, logits: jax.Array, targets: jax.Array, weights: jax.Array
+              ) -> dict[str, jax.Array]:
+  """Sums over one padded eval batch (``weights`` float32 [batch]: 1 real row, 0 padding),
+  added up over a split by the loop and turned into metrics by ``eval_metrics``.
+
+  'classification': {'loss', 'correct', 'count'} (float32 []). 'segmentation' (padding rows'
+  pixels count as ignored): {'loss' float32 [], 'count' int32 [] (labelled pixels), 'confusion'
+  int32 [K, K] (``confusion_matrix``)}.
+  """
+  _check_task(task)
+  if task == "segmentation":
+    keep = weights.reshape((-1,) + (1,) * (targets.ndim - 1)) > 0
+    targets = jnp.where(keep, targets, IGNORE_LABEL)
+    total, count = pixel_cross_entropy(logits, targets)
+    return {"loss": total, "count": count, "confusion": confusion_matrix(logits, targets)}
+  return {"loss": jnp.sum(cross_entropy(logits, targets) * weights),
+          "correct": jnp.sum(correct(logits, targets) * weights),
+          "count": jnp.sum(weights)}
+
+
+def eval_metrics(task: str, totals: dict[str, np.ndarray]) -> dict[str, float]:
+  """A split's metrics from the summed ``eval_sums``.
+
+  'classification': 'loss' (mean), 'accuracy', 'num_examples'. 'segmentation': 'loss' (mean over
+  labelled pixels), 'miou', 'mean_accuracy', 'pixel_accuracy' (``segmentation_metrics``),
+  'accuracy' (= pixel_accuracy, the key every task logs), 'num_pixels'.
+  """
+  _check_task(task)
+  count = max(float(totals["count"]), 1.0)
+  if task == "segmentation":
+    scores = segmentation_metrics(totals["confusion"])
+    return {"loss": float(totals["loss"]) / count, "miou": scores["miou"],
+            "mean_accuracy": scores["mean_accuracy"],
+            "pixel_accuracy": scores["pixel_accuracy"], "accuracy": scores["pixel_accuracy"],
+            "num_pixels": scores["num_pixels"]}
+  return {"loss": float(totals["loss"]) / count, "accuracy": float(totals["correct"]) / count,
+          "num_examples": float(totals["count"])}
 
 
 def _sown_by_module(intermediates: Any, name: str) -> dict[tuple[str, ...], jax.Array]:

@@ -78,10 +78,16 @@ def create_optimizer(config: ml_collections.ConfigDict, wrap=None
 
   Vision recipes (timm, below) add: ``schedule='timm_cosine'`` with ``warmup_init_lr``,
   ``min_lr`` and ``cooldown_steps``; ``weight_decay_skip`` (None: decay every parameter).
+  Segmentation recipes: ``schedule='poly'`` with ``poly_power``, ``min_lr`` and
+  ``warmup_steps`` (``poly_schedule``).
   ``wrap`` (e.g. freezing and EMA from ``clustr_jax.distill``) wraps the clipped optimizer,
   inside gradient accumulation.
   """
-  if config.schedule == "timm_cosine":
+  if config.schedule == "poly":
+    schedule = poly_schedule(config.learning_rate, config.num_train_steps,
+                             power=config.poly_power, min_lr=config.min_lr,
+                             warmup_steps=config.warmup_steps)
+  elif config.schedule == "timm_cosine":
     schedule = timm_cosine_schedule(
         config.learning_rate, config.warmup_steps,
         config.num_train_steps - config.cooldown_steps,
@@ -138,6 +144,30 @@ def timm_cosine_schedule(base_learning_rate: float, warmup_steps: int, cosine_st
       return cosine
     warmup = warmup_init_lr + t * (base_learning_rate - warmup_init_lr) / warmup_steps
     return jnp.where(t < warmup_steps, warmup, cosine)
+
+  return schedule
+
+
+def poly_schedule(base_learning_rate: float, num_steps: int, *, power: float = 0.9,
+                  min_lr: float = 0.0, warmup_steps: int = 0) -> optax.Schedule:
+  """mmcv's ``PolyLrUpdaterHook`` per iteration (the Semantic FPN / PVT ADE20K recipe):
+  ``(lr - min_lr) (1 - t / num_steps)^power + min_lr`` at update t (0-based), after a linear
+  warm-up ``lr t / warmup_steps`` for t < ``warmup_steps`` (0: none, PVT's setting).
+
+  Raises:
+    ValueError: ``num_steps`` < 1, ``warmup_steps`` < 0 or ``power`` <= 0.
+  """
+  if num_steps < 1 or warmup_steps < 0 or power <= 0:
+    raise ValueError(f"poly schedule: num_train_steps={num_steps} must be >= 1, warmup_steps="
+                     f"{warmup_steps} >= 0 and poly_power={power} > 0")
+
+  def schedule(step):
+    t = jnp.asarray(step, jnp.float32)
+    decay = (1.0 - jnp.minimum(t, num_steps) / num_steps) ** power
+    poly = (base_learning_rate - min_lr) * decay + min_lr
+    if warmup_steps == 0:
+      return poly
+    return jnp.where(t < warmup_steps, base_learning_rate * t / warmup_steps, poly)
 
   return schedule
 

@@ -9,7 +9,11 @@ config ``configs/default.py``, which documents every key; see ``configs/lra/list
 nothing below reads flags or global state. The data come from
 ``clustr_jax.data.get(config, workdir)`` (a ``Dataset``: train iterator, eval batches, the model's
 input keys and data-given model defaults), so any dataset family plugs in there. Targets are class
-ids [batch] or target distributions [batch, classes]. The step is ``jax.jit`` with input/output
+ids [batch] or target distributions [batch, classes]; a dataset whose ``task`` is 'segmentation'
+has per-pixel labels [batch, height, width] instead, trained with the per-pixel cross-entropy and
+evaluated by a confusion matrix (mIoU; ``losses.eval_sums`` / ``eval_metrics``).
+``config.init_checkpoint`` initialises the parameters (under ``config.init_prefix``) from an
+Orbax checkpoint, e.g. a segmentation backbone from an ImageNet classifier. The step is ``jax.jit`` with input/output
 shardings over a ('data', 'fsdp', 'model') mesh and a donated state, compiled ahead of time on
 the first batch (XLA's FLOP count feeds the MFU estimate); each process feeds its own shard of the
 batch (``jax.make_array_from_process_local_data``). ``grad_accum_steps`` splits the batch into
@@ -144,7 +148,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], teacher_params: A
                model: nn.Module, tx: optax.GradientTransformation, schedule: optax.Schedule,
                rng: jax.Array, input_keys: tuple[str, ...] = ("inputs",),
                grad_accum_steps: int = 1, skip_nonfinite: bool = False,
-               objective=None) -> tuple[TrainState, dict[str, jax.Array]]:
+               objective=None, task: str = "classification"
+               ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer update on ``batch`` (``input_keys`` and 'targets'); returns (state, metrics).
 
   Args:
@@ -162,6 +167,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], teacher_params: A
     teacher_params, objective: an objective (``distill.Objective``) replaces the cross-entropy:
       ``objective(params, batch, rngs, teacher_params) -> (loss, (logits, extra metrics))``;
       the extra metrics (float32 scalars) join the returned metrics.
+    task: the dataset's task (``losses.TASKS``): the loss and accuracy (``losses.task_loss``,
+      ``losses.task_accuracy``; 'segmentation': means over the labelled pixels).
 
   Returns:
     (new state, metrics): float32 scalars 'loss' and 'accuracy' (means over the batch),
@@ -179,9 +186,9 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], teacher_params: A
         return objective(params, micro_batch, rngs, teacher_params)
       logits = model.apply({"params": params}, *(micro_batch[k] for k in input_keys),
                            train=True, rngs=rngs)
-      return losses.cross_entropy(logits, micro_batch["targets"]).mean(), (logits, {})
+      return losses.task_loss(task, logits, micro_batch["targets"]), (logits, {})
     (loss, (logits, extra)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    return (loss, jnp.mean(losses.correct(logits, micro_batch["targets"])), extra), grads
+    return (loss, losses.task_accuracy(task, logits, micro_batch["targets"]), extra), grads
 
   opt_state = state.opt_state
   if grad_accum_steps == 1:
@@ -229,28 +236,26 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], teacher_params: A
 
 
 def eval_step(params: Any, batch: dict[str, jax.Array], *, model: nn.Module,
-              input_keys: tuple[str, ...] = ("inputs",)) -> dict[str, jax.Array]:
-  """Sums over a padded eval batch (``input_keys``, 'targets', 'weights'): loss, correct, count."""
+              input_keys: tuple[str, ...] = ("inputs",), task: str = "classification"
+              ) -> dict[str, jax.Array]:
+  """Sums over a padded eval batch (``input_keys``, 'targets', 'weights'),
+  ``losses.eval_sums``: loss, correct, count (classification); loss, labelled pixels and the
+  confusion matrix (segmentation). Summed over the global batch, i.e. over all processes."""
   logits = model.apply({"params": params}, *(batch[k] for k in input_keys), train=False)
-  weights = batch["weights"]
-  return {"loss": jnp.sum(losses.cross_entropy(logits, batch["targets"]) * weights),
-          "correct": jnp.sum(losses.correct(logits, batch["targets"]) * weights),
-          "count": jnp.sum(weights)}
+  return losses.eval_sums(task, logits, batch["targets"], batch["weights"])
 
 
 def evaluate(step_fn, params: Any, dataset: data_lib.Dataset, split: str, *, batch_size: int,
-             mesh: jax.sharding.Mesh) -> dict[str, float]:
-  """Loss and accuracy over a whole split (every example exactly once)."""
+             mesh: jax.sharding.Mesh, task: str = "classification") -> dict[str, float]:
+  """A whole split's metrics (every example, every pixel exactly once): loss and accuracy, or
+  for segmentation mIoU, mean and pixel accuracy (``losses.eval_metrics``)."""
   totals = None
   for local in dataset.eval_batches(split, batch_size=batch_size,
                                     shard_index=jax.process_index(),
                                     shard_count=jax.process_count()):
     sums = step_fn(params, global_batch(local, mesh))
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-  totals = jax.device_get(totals)
-  count = max(float(totals["count"]), 1.0)
-  return {"loss": float(totals["loss"]) / count, "accuracy": float(totals["correct"]) / count,
-          "num_examples": float(totals["count"])}
+  return losses.eval_metrics(task, jax.device_get(totals))
 
 
 def validate_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None:
@@ -260,7 +265,7 @@ def validate_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) 
     ValueError: naming the key: unknown model or attention name (with the valid choices), batch
       sizes not divisible by the data-parallel size (times ``grad_accum_steps``) or the process
       count, non-positive intervals, unknown ``on_nonfinite``, heads that do not divide
-      ``qkv_dim``.
+      ``qkv_dim``, two initial checkpoints (``init_checkpoint`` and ``distill.init_checkpoint``).
   """
   if config.model.name not in models.names():
     raise ValueError(f"config.model.name={config.model.name!r} unknown; valid: "
@@ -288,6 +293,9 @@ def validate_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) 
   for key in ("num_train_steps", "log_every_steps", "eval_every_steps", "checkpoint_every_steps"):
     if config[key] < 1:
       raise ValueError(f"config.{key} must be >= 1; got {config[key]}")
+  if config.init_checkpoint and config.distill and config.distill.init_checkpoint:
+    raise ValueError("config.init_checkpoint and config.distill.init_checkpoint are both set; "
+                     "give the initial checkpoint once")
   if config.on_nonfinite not in NONFINITE_POLICIES:
     raise ValueError(f"config.on_nonfinite={config.on_nonfinite!r} unknown; valid: "
                      f"{', '.join(NONFINITE_POLICIES)}")
@@ -367,6 +375,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
       batch_size=local_batch_size, seed=config.seed, shard_index=jax.process_index(),
       shard_count=jax.process_count(), worker_count=config.data_workers)
   input_keys = tuple(dataset.input_keys)
+  task = getattr(dataset, "task", "classification")  # Dataset.task; classification by default.
 
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
     # Model and optimizer.
@@ -388,8 +397,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
 
     # Sharded state: shardings from the logical axis names of the boxed abstract state.
     state, state_sharding, _ = init_sharded_state(model, tx, init_rng, mesh, *sample)
+    initial = None
     if distillation is not None and distillation.init_checkpoint:
-      params = jax.device_put(distillation.initial_params(state.params), state_sharding.params)
+      initial = distillation.initial_params(state.params)
+    elif config.init_checkpoint:
+      initial = distill.params_from_checkpoint(state.params, config.init_checkpoint,
+                                               prefix=config.init_prefix)
+    if initial is not None:
+      params = jax.device_put(initial, state_sharding.params)
       state = state.replace(params=params, opt_state=jax.jit(
           tx.init, out_shardings=state_sharding.opt_state)(params))
     teacher, teacher_sharding = None, None
@@ -420,15 +435,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
         state_sharding, mesh, model=model, tx=tx, schedule=schedule, rng=step_rng,
         input_keys=input_keys, grad_accum_steps=config.grad_accum_steps,
         skip_nonfinite=config.on_nonfinite == "skip", teacher_sharding=teacher_sharding,
-        objective=distillation.objective if distillation else None)
+        objective=distillation.objective if distillation else None, task=task)
     teacher_args = () if teacher is None else (teacher,)
     p_train_step, step_flops = None, None
     peak_flops = profiling.peak_flops_per_device(jax.devices()[0], config.peak_flops_per_device)
-    p_eval_step = jax.jit(functools.partial(eval_step, model=model, input_keys=input_keys),
+    p_eval_step = jax.jit(functools.partial(eval_step, model=model, input_keys=input_keys,
+                                            task=task),
                           in_shardings=(state_sharding.params, batch_in),
                           out_shardings=sharding.replicated(mesh))
     run_eval = functools.partial(evaluate, p_eval_step, dataset=dataset,
-                                 batch_size=config.eval_batch_size, mesh=mesh)
+                                 batch_size=config.eval_batch_size, mesh=mesh, task=task)
 
     writer = metrics_lib.MetricWriter(workdir)
     tracer = profiling.StepTracer(workdir / "profile", config.profile_start_step,

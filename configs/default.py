@@ -14,12 +14,24 @@ Run:
                                      set by each config file.
   batch_size, eval_batch_size        global batch sizes (split over processes and data shards).
   num_train_steps                    optimizer updates of the whole run.
+  init_checkpoint                    None, or an Orbax checkpoint (a run's ``checkpoints/``, a
+                                     step directory, or ``clustr_jax.convert``'s output) whose
+                                     parameters initialise the model (``distill.
+                                     params_from_checkpoint``); its leaves the model lacks are
+                                     dropped (e.g. a classifier's head).
+  init_prefix                        None: the checkpoint is the whole parameter tree; a
+                                     top-level key: it fills that subtree only (e.g. 'backbone'
+                                     of a Semantic FPN from an ImageNet ClusTR; the rest keeps
+                                     its initialisation).
 
 Optimizer and schedule (``clustr_jax/optim.py``):
   optimizer                          'adamw' (decoupled weight decay) or 'sgd'.
   learning_rate                      base (peak) learning rate.
   schedule                           a product of LRA's factors, e.g.
-                                     'constant*linear_warmup*rsqrt_decay', or 'timm_cosine'.
+                                     'constant*linear_warmup*rsqrt_decay', 'timm_cosine', or
+                                     'poly' (mmsegmentation's poly decay with ``poly_power``
+                                     down to ``min_lr``, after an optional linear warm-up).
+  poly_power                         the poly schedule's power (0.9).
   warmup_steps                       linear warm-up steps.
   steps_per_cycle                    cosine_decay's cycle in steps (None: num_train_steps -
                                      warmup_steps).
@@ -97,6 +109,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.batch_size = 32
   config.eval_batch_size = 32
   config.num_train_steps = 1_000
+  config.init_checkpoint = _optional(None, str)
+  config.init_prefix = _optional(None, str)
 
   config.optimizer = "adamw"
   config.learning_rate = 1e-3
@@ -106,6 +120,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.cooldown_steps = 0
   config.warmup_init_lr = 0.0
   config.min_lr = 0.0
+  config.poly_power = 0.9
   config.adam_b1 = 0.9
   config.adam_b2 = 0.999
   config.adam_eps = 1e-8

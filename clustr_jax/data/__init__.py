@@ -11,6 +11,9 @@ Each dataset's ``config.dataset.name`` is the name of its module (or package) he
                 train-loop adapter and a ``python -m`` command line (package).
 ``imagenet``    ImageNet (TFDS ``imagenet2012`` or an ImageNet-layout folder) with DeiT's
                 preprocessing; ``augment`` its timm-semantics augmentations (numpy and Pillow).
+``ade20k``      ADE20K (SceneParse150, released layout) for semantic segmentation.
+``camvid``      CamVid (SegNet release) for semantic segmentation; both share ``segmentation``
+                (pair reader, mmsegmentation's augmentation, the segmentation Dataset).
 
 Shared parts: ``pipeline``, deterministic, per-process sharded, checkpointable Grain train and
 eval iterators; ``generated``, "generate on process 0, the other processes wait".
@@ -38,7 +41,8 @@ from clustr_jax.data import pipeline
 
 # config.dataset.name values; each is a module (or package) of this package defining
 # load_dataset(config, workdir), imported when first asked for.
-NAMES: tuple[str, ...] = ("listops", "text", "retrieval", "image", "pathfinder", "imagenet")
+NAMES: tuple[str, ...] = ("listops", "text", "retrieval", "image", "pathfinder", "imagenet",
+                          "ade20k", "camvid")
 # Former names -> the current ones (``get`` raises an error naming the new one).
 RENAMED: dict[str, str] = {"imdb": "text", "aan": "retrieval", "cifar10": "image"}
 
@@ -55,6 +59,8 @@ class Dataset(Protocol):
       ``max_length``); the config's ``model`` section overrides them.
     eval_splits: the splits ``eval_batches`` serves; the loop validates on ``'val'`` during
       training and tests on ``'test'`` at the end.
+    task: optional, 'classification' when absent; 'segmentation' for per-pixel 'targets'
+      [batch, h, w] (``losses.TASKS``: the loop's loss and metrics).
   """
   input_keys: tuple[str, ...]
   example_spec: Mapping[str, tuple[tuple[int, ...], Any]]

@@ -8,6 +8,9 @@
                        ``sparsifiner.py``: keep rate 0.25, reduce_n_factor 6, reduce_c_factor 2)
   clustr_t, clustr_s,  the ClusTR pyramid, official ``ClusTR_b1``, ``_b2``, ``_b3``
   clustr_b             (``clustr_vit.ClusTR``; 11.68M, 22.69M, 40.25M parameters)
+  clustr_t_fpn,        the ClusTR-T/S/B pyramid + Semantic FPN for semantic segmentation
+  clustr_s_fpn,        (``segmentation.SemanticFPN``; logits [batch, height, width, classes];
+  clustr_b_fpn         docs/segmentation.md)
 
 Vision models take float32 images [batch, height, width, 3] and ``train: bool``.
 ``from_config(config.model, data_kwargs)`` builds the model a run config describes.
@@ -21,7 +24,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from clustr_jax.models import clustr_vit, lra, vit
+from clustr_jax.models import clustr_vit, lra, segmentation, vit
 
 # name -> (class, constructor defaults); keywords given to ``get`` override the defaults.
 _REGISTRY: dict[str, tuple[type[nn.Module], dict[str, Any]]] = {
@@ -34,6 +37,8 @@ _REGISTRY: dict[str, tuple[type[nn.Module], dict[str, Any]]] = {
     "clustr_t": (clustr_vit.ClusTR, clustr_vit.VARIANTS["b1"]),
     "clustr_s": (clustr_vit.ClusTR, clustr_vit.VARIANTS["b2"]),
     "clustr_b": (clustr_vit.ClusTR, clustr_vit.VARIANTS["b3"]),
+    **{name: (segmentation.SemanticFPN, {"variant": variant})
+       for name, variant in segmentation.MODELS.items()},
 }
 
 

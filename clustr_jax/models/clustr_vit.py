@@ -18,6 +18,12 @@ Transformers", arXiv 2208.13138; official code GitHub ``YtongXie/ClusTR`` @ 3b5e
     norm{i} (LN eps 1e-6); stages 1-3 reshape back to [B, H_i, W_i, C_i]
   mean over the stage-4 tokens, head Linear(C_4, classes)          -> logits float32 [B, classes]
 
+``features_only=True`` makes the same module a dense-prediction backbone (the PVT/ClusTR
+pyramid as the Semantic FPN uses it, ``clustr_jax/models/segmentation.py``): the call returns
+the four normed stage maps [B, H_i, W_i, C_i] (strides 4, 8, 16, 32; H_1 = ceil(H / 4), then
+H_{i+1} = ceil(H_i / 2), the patch embeddings' output sizes) and builds no head, so the
+parameter names equal the classifier's without ``head``.
+
 The depthwise conv (3x3, stride 1, pad 1, groups r C, with bias) sits inside a residual before
 the exact (erf) GELU (PVTv2 has GELU(DWConv(fc1(x)))). No position embeddings. Stochastic depth
 rates are linear from 0 to drop_path_rate over all blocks of all stages together. The cluster
@@ -70,9 +76,13 @@ class ClusTR(nn.Module):
     attention_kwargs: options of that mechanism (for 'clustr': knn_k, distance_chunk_size,
       merge_eps, num_clusters, ...; sr_ratio is set per stage and must not be given).
     dtype: computation dtype (parameters float32; logits float32).
+    features_only: return the four stage maps instead of logits (no head; ``num_classes`` is
+      then unused, e.g. 0).
 
-  Call: images float32 [B, H, W, 3] (H, W divisible by 32 for the official grids) and ``train``
-  bool (dropout, drop path, ClusTR's density noise) -> logits float32 [B, num_classes].
+  Call: images float32 [B, H, W, 3] (H, W divisible by 32 for the official grids; any size
+  whose stage-4 grid is non-empty and whose cluster counts are >= 1 otherwise) and ``train``
+  bool (dropout, drop path, ClusTR's density noise) -> logits float32 [B, num_classes], or with
+  ``features_only`` a list of 4 maps [B, H_i, W_i, C_i] in ``dtype`` (strides 4, 8, 16, 32).
 
   Raises:
     ValueError: per-stage settings without 4 entries, embed_dims not divisible by num_heads,
@@ -92,6 +102,7 @@ class ClusTR(nn.Module):
   attention: str = "clustr"
   attention_kwargs: Mapping[str, Any] | None = None
   dtype: Dtype = jnp.float32
+  features_only: bool = False
 
   def _check(self) -> None:
     for key in ("embed_dims", "num_heads", "mlp_ratios", "depths", "sr_ratios"):
@@ -126,6 +137,7 @@ class ClusTR(nn.Module):
     rates = vit.drop_path_rates(self.drop_path_rate, sum(self.depths))
     x = images
     cur = 0
+    features = []
     for i in range(4):
       dim = self.embed_dims[i]
       kernel, stride = (7, 4) if i == 0 else (3, 2)
@@ -140,6 +152,9 @@ class ClusTR(nn.Module):
       cur += self.depths[i]
       tokens = vit.layer_norm(1e-6, self.dtype, f"norm{i + 1}")(tokens)
       x = tokens.reshape(tokens.shape[0], size[0], size[1], dim)
+      features.append(x)
+    if self.features_only:
+      return features
     pooled = jnp.mean(tokens.astype(jnp.float32), axis=1)
     return vit.dense(self.num_classes, ("embed", "classes"), jnp.float32, "head")(pooled)
 
