@@ -78,6 +78,11 @@ class ClusTR(nn.Module):
     dtype: computation dtype (parameters float32; logits float32).
     features_only: return the four stage maps instead of logits (no head; ``num_classes`` is
       then unused, e.g. 0).
+    attention_size: None, or the (H, W) input size the mechanisms' settings are chosen for
+      (``attention.sized_for`` gets that size's stage grids instead of the actual ones), for
+      mechanisms whose parameters depend on the token count (e.g. CAST's learned surrogates),
+      so that a dense-prediction backbone trained on crops runs at other sizes. ClusTR's own
+      cluster counts follow the actual tokens either way.
 
   Call: images float32 [B, H, W, 3] (H, W divisible by 32 for the official grids; any size
   whose stage-4 grid is non-empty and whose cluster counts are >= 1 otherwise) and ``train``
@@ -103,6 +108,7 @@ class ClusTR(nn.Module):
   attention_kwargs: Mapping[str, Any] | None = None
   dtype: Dtype = jnp.float32
   features_only: bool = False
+  attention_size: Sequence[int] | None = None
 
   def _check(self) -> None:
     for key in ("embed_dims", "num_heads", "mlp_ratios", "depths", "sr_ratios"):
@@ -143,7 +149,10 @@ class ClusTR(nn.Module):
       kernel, stride = (7, 4) if i == 0 else (3, 2)
       tokens, size = vit.PatchEmbed(dim, kernel, stride, kernel // 2, 1e-5, self.dtype,
                                     vit.conv_init(kernel, dim), name=f"patch_embed{i + 1}")(x)
-      name, options = self._stage_attention(self.sr_ratios[i], size[0] * size[1], size)
+      grid = size
+      if self.attention_size is not None:
+        grid = tuple(-(-s // (4 * 2 ** i)) for s in self.attention_size)  # ceil(H / stride).
+      name, options = self._stage_attention(self.sr_ratios[i], grid[0] * grid[1], grid)
       for j in range(self.depths[i]):
         tokens = vit.Block(self.num_heads[i], self.mlp_ratios[i], self.qkv_bias,
                            self.drop_rate, self.attn_drop_rate, rates[cur + j], name, options,

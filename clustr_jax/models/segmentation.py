@@ -159,6 +159,11 @@ class SemanticFPN(nn.Module):
     attention, attention_kwargs: the mechanism of the backbone's stages 1-3 and its options
       (``clustr_vit.ClusTR``); stage 4 is always full attention.
     drop_path_rate: the backbone's stochastic depth (PVT's segmentation backbones: 0.1).
+    backbone_options: ``clustr_vit.ClusTR`` constructor options overriding the variant's (e.g.
+      smaller ``embed_dims`` / ``depths`` for tests); None: the variant as published.
+    attention_size: (H, W) the stage mechanisms' settings are sized for (``clustr_vit.ClusTR``;
+      the recipes give the train crop, so that e.g. CAST's learned surrogates fit every input
+      size); None: the actual input.
     fpn_channels: the FPN's width (256); head_channels: the head's (128).
     num_groups: the head's GroupNorm groups (32); dropout_rate: before the classifier (0.1).
     test_mode: 'whole' or 'slide' (evaluation, see the module docstring).
@@ -176,6 +181,8 @@ class SemanticFPN(nn.Module):
   attention: str = "clustr"
   attention_kwargs: Mapping[str, Any] | None = None
   drop_path_rate: float = 0.1
+  backbone_options: Mapping[str, Any] | None = None
+  attention_size: Sequence[int] | None = None
   fpn_channels: int = 256
   head_channels: int = 128
   num_groups: int = 32
@@ -202,10 +209,12 @@ class SemanticFPN(nn.Module):
   def __call__(self, images: jax.Array, *, train: bool = False) -> jax.Array:
     self._check()
     vit.check_images(images, "SemanticFPN")
-    backbone = clustr_vit.ClusTR(
-        num_classes=0, **clustr_vit.VARIANTS[self.variant], drop_path_rate=self.drop_path_rate,
-        attention=self.attention, attention_kwargs=self.attention_kwargs, dtype=self.dtype,
-        features_only=True, name="backbone")
+    options = {**clustr_vit.VARIANTS[self.variant], "drop_path_rate": self.drop_path_rate,
+               "attention": self.attention, "attention_kwargs": self.attention_kwargs,
+               "attention_size": self.attention_size,
+               **(self.backbone_options or {})}
+    backbone = clustr_vit.ClusTR(num_classes=0, **options, dtype=self.dtype, features_only=True,
+                                 name="backbone")
     neck = FPNNeck(self.fpn_channels, self.dtype, name="neck")
     head = FPNHead(self.num_classes, self.head_channels, self.num_groups, self.dropout_rate,
                    STRIDES, self.dtype, name="head")

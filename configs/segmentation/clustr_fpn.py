@@ -76,6 +76,9 @@ def get_config(arg=None):
   config.dataset = dataset_config(dataset, arg.cpu)
   config.model = dict(name=f"{arg.backbone}_fpn", attention=arg.attention, drop_path_rate=0.1,
                       test_mode="whole", dtype="float32")
+  # The mechanisms' settings are sized for the train crop (CAST's surrogates, Sparsifiner's
+  # predictor depend on the token count), also when evaluating at eval_size; follows crop_size.
+  config.model.attention_size = config.dataset.get_ref("crop_size")
   config.init_prefix = "backbone"
   config.batch_size = 16
   config.eval_batch_size = 16
