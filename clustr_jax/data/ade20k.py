@@ -1,5 +1,5 @@
 """ADE20K / SceneParse150 in its released layout (``ADEChallengeData2016``) for semantic
-segmentation; see ``docs/segmentation.md`` and ``docs/data_formats.md``.
+segmentation; see ``docs/segmentation.md`` ("Data").
 
   <data_dir>/images/{training,validation}/ADE_*.jpg       RGB JPEG
   <data_dir>/annotations/{training,validation}/ADE_*.png  8-bit single channel

