@@ -4,9 +4,10 @@
 ids or target distributions); ``pixel_cross_entropy``, ``pixel_correct``, ``confusion_matrix`` and
 ``segmentation_metrics`` are semantic segmentation's (per-pixel labels with an ignore label,
 docs/segmentation.md); ``task_loss``, ``task_accuracy``, ``eval_sums`` and ``eval_metrics`` pick
-them by the dataset's task (``TASKS``) for the train loop; ``recon_loss``, ``kl_teacher_student`` and ``token_mse`` are the
-terms of Sparsifiner's two stages (official ``lim142857/Sparsifiner`` ``src/losses.py``, see
-``docs/sparsifiner.md``), combined by ``clustr_jax.distill.Objective``. All return float32.
+them by the dataset's task (``TASKS``) for the train loop; ``recon_loss``,
+``kl_teacher_student`` and ``token_mse`` are the terms of Sparsifiner's two stages (official
+``lim142857/Sparsifiner`` ``src/losses.py``, see ``docs/sparsifiner.md``), combined by
+``clustr_jax.distill.Objective``. All return float32.
 """
 
 from __future__ import annotations

@@ -13,12 +13,13 @@ ids [batch] or target distributions [batch, classes]; a dataset whose ``task`` i
 has per-pixel labels [batch, height, width] instead, trained with the per-pixel cross-entropy and
 evaluated by a confusion matrix (mIoU; ``losses.eval_sums`` / ``eval_metrics``).
 ``config.init_checkpoint`` initialises the parameters (under ``config.init_prefix``) from an
-Orbax checkpoint, e.g. a segmentation backbone from an ImageNet classifier. The step is ``jax.jit`` with input/output
-shardings over a ('data', 'fsdp', 'model') mesh and a donated state, compiled ahead of time on
-the first batch (XLA's FLOP count feeds the MFU estimate); each process feeds its own shard of the
-batch (``jax.make_array_from_process_local_data``). ``grad_accum_steps`` splits the batch into
-micro-batches accumulated by ``optax.MultiSteps``; a non-finite loss or gradient stops the run
-before any later checkpoint (or is skipped and counted); SIGTERM saves and returns.
+Orbax checkpoint, e.g. a segmentation backbone from an ImageNet classifier. The step is
+``jax.jit`` with input/output shardings over a ('data', 'fsdp', 'model') mesh and a donated
+state, compiled ahead of time on the first batch (XLA's FLOP count feeds the MFU estimate); each
+process feeds its own shard of the batch (``jax.make_array_from_process_local_data``).
+``grad_accum_steps`` splits the batch into micro-batches accumulated by ``optax.MultiSteps``; a
+non-finite loss or gradient stops the run before any later checkpoint (or is skipped and
+counted); SIGTERM saves and returns.
 Outputs in ``workdir``: ``checkpoints/`` (Orbax), ``metrics.jsonl``, ``tensorboard/``,
 ``profile/`` (if tracing), ``results.json``.
 """
