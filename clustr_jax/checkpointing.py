@@ -43,10 +43,11 @@ import orbax.checkpoint as ocp
 from absl import logging
 from jax.experimental import multihost_utils
 
-# asyncio's reports of tasks that Orbax's checkpoint code abandoned (a task object's repr names
-# the file its coroutine is defined in).
-_ABANDONED_TASK = re.compile(r"^(Task exception was never retrieved|Task was destroyed but it is "
-                             r"pending!).*orbax[/\\]checkpoint", re.DOTALL)
+# asyncio's reports of futures and tasks that nobody awaits any more.
+_ABANDONED = re.compile(r"^(Task exception was never retrieved|Future exception was never "
+                        r"retrieved|Task was destroyed but it is pending!)")
+_ORBAX_CODE = re.compile(r"orbax[/\\]checkpoint")  # A task's repr names its coroutine's file.
+_restored_directories: set[str] = set()  # Checkpoint roots that restore() has read in this process.
 _quiet_installed = False
 
 
@@ -61,11 +62,14 @@ def _is_closed_loop_callback(unraisable: Any) -> bool:
 
 
 class _AbandonedTaskFilter(py_logging.Filter):
-  """Drops asyncio's "Task exception was never retrieved" / "Task was destroyed but it is
-  pending!" records about Orbax's own tasks (the primary error is raised by Orbax)."""
+  """Drops asyncio's "Task/Future exception was never retrieved" and "Task was destroyed but it
+  is pending!" records about Orbax's tasks or reads of a checkpoint that ``restore`` tried (the
+  first error of a failed restore is raised by Orbax and reported in one warning)."""
 
   def filter(self, record: py_logging.LogRecord) -> bool:
-    return not _ABANDONED_TASK.match(record.getMessage())
+    message = record.getMessage()
+    return not (_ABANDONED.match(message) and (
+        _ORBAX_CODE.search(message) or any(d in message for d in _restored_directories)))
 
 
 def _quiet_abandoned_restores() -> None:
@@ -76,7 +80,8 @@ def _quiet_abandoned_restores() -> None:
   while TensorStore still reads the other arrays. Each read that finishes later tries
   ``loop.call_soon_threadsafe`` on the closed loop and TensorStore prints the ``RuntimeError:
   Event loop is closed`` as an unraisable exception (a traceback, from its threads, at any time);
-  the tasks that failed too are logged by asyncio with their tracebacks when garbage collected.
+  the tasks and futures that failed too are logged by asyncio with their tracebacks when garbage
+  collected.
   Both concern the checkpoint already reported (one warning) and moved aside. Anything else goes
   to the previous ``sys.unraisablehook`` and through the ``asyncio`` logger as before.
   """
@@ -179,6 +184,7 @@ class Checkpointer:
     """
     steps = self.all_steps()
     if steps:
+      _restored_directories.add(str(self.directory))
       _quiet_abandoned_restores()
     for step in reversed(steps):
       logging.info("Restoring checkpoint of step %d from %s", step, self.directory)

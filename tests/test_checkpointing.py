@@ -164,7 +164,7 @@ def test_fallback_from_random_bytes_logs_one_warning_per_checkpoint_and_no_trace
     assert noise not in child.stderr, child.stderr[-3000:]
 
 
-def test_only_reports_of_abandoned_orbax_reads_are_silenced():
+def test_only_reports_of_abandoned_orbax_reads_are_silenced(monkeypatch):
   def unraisable(error, caller):
     """What sys.unraisablehook gets when C code calls ``caller`` and it raises ``error``."""
     try:
@@ -193,3 +193,10 @@ def test_only_reports_of_abandoned_orbax_reads_are_silenced():
   assert not task_filter.filter(record(orbax_task))
   assert task_filter.filter(record(orbax_task.replace("orbax/checkpoint", "mylib")))
   assert task_filter.filter(record("Unclosed client session, orbax/checkpoint"))
+  read = ("Future exception was never retrieved\nfuture: <Future finished exception=ValueError("
+          "'DATA_LOSS: Error reading \"w/.zarray\" in OCDBT database at local file "
+          "\"/runs/a/checkpoints/4/state/\"')>")
+  assert task_filter.filter(record(read))  # Not a directory that restore() has read.
+  monkeypatch.setattr(checkpointing, "_restored_directories", {"/runs/a/checkpoints"})
+  assert not task_filter.filter(record(read))
+  assert task_filter.filter(record(read.replace("/runs/a/", "/runs/b/")))
