@@ -38,15 +38,9 @@ from absl import logging
 from tqdm import tqdm
 
 from clustr_jax import attention as attention_lib
-from clustr_jax import checkpointing
+from clustr_jax import checkpointing, distill, losses, models, optim, profiling, sharding
 from clustr_jax import data as data_lib
-from clustr_jax import distill
-from clustr_jax import losses
 from clustr_jax import metrics as metrics_lib
-from clustr_jax import models
-from clustr_jax import optim
-from clustr_jax import profiling
-from clustr_jax import sharding
 
 #: ``config.on_nonfinite`` values.
 NONFINITE_POLICIES = ("stop", "skip")

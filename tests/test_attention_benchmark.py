@@ -50,7 +50,8 @@ def test_target_lines_ratios_and_derived_dense_layer():
           row("cast_topk.layer", "fwd+bwd", 8192, 250.0),
           row("cast_topk.proper", "fwd+bwd", 4096, 1.0, memory_mib=100.0),
           row("cast_topk.proper", "fwd+bwd", 16384, 1.0, memory_mib=500.0),
-          row("dense.layer", "fwd", 1024, 300.0), row("sparsifiner_gather.layer", "fwd", 1024, 100.0)]
+          row("dense.layer", "fwd", 1024, 300.0),
+          row("sparsifiner_gather.layer", "fwd", 1024, 100.0)]
   lines = bench.target_lines(rows, {"matmul_gflop_per_s": 100.0})
   text = "\n".join(lines)
   assert "(proper) fwd+bwd at N=8192: 120.0x faster than dense (target >= 60x): **met**" in text

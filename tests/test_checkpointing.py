@@ -13,10 +13,8 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding
 
-from clustr_jax import checkpointing
+from clustr_jax import checkpointing, sharding, train
 from clustr_jax import data as data_lib
-from clustr_jax import sharding
-from clustr_jax import train
 
 
 def make_state(mesh, step=0):

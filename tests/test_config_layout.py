@@ -14,9 +14,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from clustr_jax import attention
-from clustr_jax import models
-from clustr_jax import train
+from clustr_jax import attention, models, train
 from configs import common
 
 REPO = pathlib.Path(__file__).parent.parent

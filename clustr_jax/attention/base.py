@@ -58,7 +58,8 @@ def check_inputs(x: Array, mask: Array | None, name: str) -> Array:
   return mask.astype(bool)
 
 
-def head_dims(features: int, qkv_features: int | None, num_heads: int, name: str) -> tuple[int, int]:
+def head_dims(features: int, qkv_features: int | None, num_heads: int,
+              name: str) -> tuple[int, int]:
   """Returns (qkv_features, head_dim), checking that the heads divide the width.
 
   Raises:

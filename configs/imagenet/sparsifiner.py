@@ -37,8 +37,7 @@ source=folder|tfds, ema (bool; full runs only).
 
 import ml_collections
 
-from configs import common
-from configs import default
+from configs import common, default
 from configs.imagenet import common as recipes
 
 #: (epochs, warmup epochs, peak lr, final lr) of each stage (the released INDICATOR and yaml).

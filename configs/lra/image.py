@@ -12,8 +12,8 @@ Splits train[:90%] / train[90%:] / test (45,000 / 5,000 / 10,000). LRA's Transfo
 
 ``cpu`` differs: width 32 (2 heads, qkv 16, MLP 64), no dropout, batch 16, 300 steps,
 lr 2e-3 * warmup(30) * cosine decay; sized for the 4,660 + 932 real records of a
-CIFAR-10 sample (data_batch_*.bin files) on 2 CPU cores (test accuracy 0.163 against 0.113 for the majority class,
-experiments/lra/results/lra_cpu_sweep.md).
+CIFAR-10 sample (data_batch_*.bin files) on 2 CPU cores (test accuracy 0.163 against 0.113 for
+the majority class, experiments/lra/results/lra_cpu_sweep.md).
 
 Args (comma-separated, e.g. ``:cpu,attention=cast``):
   cpu        the CPU-sized variant.

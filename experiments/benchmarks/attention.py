@@ -63,14 +63,12 @@ import sys
 import time
 from typing import Any, Callable
 
+import cpu_memory
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-import cpu_memory
-from clustr_jax.attention import cast
-from clustr_jax.attention import clustr
-from clustr_jax.attention import sparsifiner
+from clustr_jax.attention import cast, clustr, sparsifiner
 from clustr_jax.attention.cast import CASTAttention
 from clustr_jax.attention.clustr import ClusTRAttention
 from clustr_jax.attention.dense import DenseAttention

@@ -6,9 +6,9 @@ Each run is ``configs/lra/<task>.py:<variant>,attention=<name>`` trained by
 Then every ``<workdir>/*/*/results.json`` is gathered into
 
   <output>.md   LRA's Table 1 layout: LRA's published Transformer row (the official configs,
-                ``docs/lra.md``) beside our rows (one per mechanism), then one row per run with test and
-                validation accuracy, the test set's majority-class share (chance), steps, train
-                steps/s, parameters, wall time and the attention options;
+                ``docs/lra.md``) beside our rows (one per mechanism), then one row per run with
+                test and validation accuracy, the test set's majority-class share (chance),
+                steps, train steps/s, parameters, wall time and the attention options;
   <output>.csv  the per-run rows, with LRA's published Transformer accuracy of the task;
   <output>.png  test accuracy against train steps/s, one marker per (task, mechanism).
 
@@ -34,10 +34,9 @@ import platform
 import jax
 import numpy as np
 
-from configs import common as config_common
+from clustr_jax import attention, train
 from clustr_jax import data as data_lib
-from clustr_jax import attention
-from clustr_jax import train
+from configs import common as config_common
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 RESULTS = REPO / "experiments" / "lra" / "results"
