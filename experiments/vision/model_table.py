@@ -11,8 +11,8 @@ The Sparsifiner section counts MHSA FLOPs as the paper's tables do (``docs/spars
 "Cost"; MACs of Q K^T and A V only): dense 2 N^2 C L; sparse L ((N - 1) k + N) 2C with
 k = ceil(rho N), plus the predictor overhead. The paper's overhead is not derived anywhere; its
 tables fit a constant of about 73.5 M, which we show next to our own count of the predictor's
-multiply-adds in mode B (q~ and k~ 2 N d c, K_down c N n_down, A_down (N - 1) c n_down, A^ (N - 1) topk N, per head and
-layer; the top-k selections are not MACs and are not counted).
+multiply-adds in mode B (q~ and k~ 2 N d c, K_down c N n_down, A_down (N - 1) c n_down,
+A^ (N - 1) topk N, per head and layer; the top-k selections are not MACs and are not counted).
 
   python experiments/vision/model_table.py     # writes experiments/vision/results/model_table.*
 """
