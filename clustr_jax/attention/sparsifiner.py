@@ -35,7 +35,11 @@ Two equivalent mode-B paths (``path``):
             attention dropout active, one batched gather ([B, H, Nq, k, d]) with autodiff.
             ``jax.lax.platform_dependent`` picks the CPU version at lowering time.
 The predictor's A^ is [B, H, Nq, N] on both paths and its top-k runs over N columns: that
-O(N^2) part is inherent to the official method (its ``approx_attn``).
+O(N^2) part is inherent to the official method (its ``approx_attn``). Ours, not the paper's:
+  'block'   blocks of ``block_size`` tokens; each query block attends to its own key block and
+            the best others, ceil(keep_rate * NB) of the NB blocks, scored by A^'s block means
+            computed from block-averaged factors (``block_scores``), so no [N, N] array is formed
+            (``docs/sparsifiner.md``, "The block path").
 
 Cost: predictor O(N n_down c H) + A^ O(N^2 H basis_topk) (mode A: O(N^2 H n_down)) + a top-k
 over N columns for N H rows; attention O(N^2 d H) on the masked path, O(N k d H) on the gather
@@ -78,6 +82,9 @@ Sown into 'intermediates' (for the distillation losses and plots):
   attn_mask        mode B, path 'masked': bool [B, H, N, N] (CLS row = real keys)
   attn_indices     mode B, path 'gather': int32 [B, H, Nq, k], each patch query's selected keys,
                    -1 for masked surplus slots (the CLS row, dense, is not listed)
+  attn_blocks      mode B, path 'block': int32 [B, H, NB, m], each query block's key blocks, -1
+                   for a chosen block without a real key (approx_attn then holds the block
+                   scores [B, H, NB, NB])
   token_keep_mask  bool [B, N], only when token_keep_rate < 1
 
 Parameters (names mirror the official state-dict keys under ``blocks.i.attn.``):
@@ -106,7 +113,7 @@ import jax.numpy as jnp
 from clustr_jax.attention import base
 
 _NAME = "SparsifinerAttention"
-_PATHS = ("gather", "masked")
+_PATHS = ("gather", "masked", "block")
 _SCALES = ("num_heads", "head_dim")
 
 #: timm's trunc_normal_(std=.02) truncates at +-2 absolute, i.e. +-100 standard deviations.
@@ -252,6 +259,52 @@ class _ChannelLinear(nn.Module):
     return y + bias.astype(jnp.float32)
 
 
+def block_scores(coef: jax.Array, basis: jax.Array, valid: jax.Array, basis_topk: int,
+                 block_size: int, has_cls_token: bool) -> jax.Array:
+  """Mode B's A^ averaged over every (query block, key block), without forming A^ (ours).
+
+  A^ = C B^T is linear in both factors (C: each row's ``basis_topk`` top coefficients, zero
+  elsewhere, [Nq, n_down]; B = T_tau(|W_up|) [N, n_down]), so the mean of A^ over the real
+  queries i of query block a and the real keys j of key block b is
+  (mean_{i in a} C_i) . (mean_{j in b} B_j): an [NB, NB] product instead of an [Nq, N] one.
+  Blocks tile the N tokens (token 0 in block 0); the CLS query (``has_cls_token``) has no row of
+  C and counts in no block mean. See ``docs/sparsifiner.md`` ("The block path").
+
+  Args:
+    coef: float32 [B, H, Nq, n_down], the softmax coefficients A_down of the predicted rows.
+    basis: float32 [N, n_down], T_tau(|W_up|).
+    valid: bool [B, N], True = real token.
+    basis_topk: coefficients kept per row (mode B's top-k over n_down).
+    block_size: tokens per block.
+    has_cls_token: token 0 is a CLS token (no row in ``coef``).
+
+  Returns:
+    float32 [B, H, NB, NB], NB = ceil(N / block_size); 0 where a block has no real token.
+  """
+  batch, heads, _, n_down = coef.shape
+  length = basis.shape[0]
+  num_blocks = -(-length // block_size)
+  pad = num_blocks * block_size - length
+  blocked = lambda t: jnp.pad(t, ((0, 0), (0, pad))).reshape(  # noqa: E731
+      batch, num_blocks, block_size).astype(jnp.float32)
+  query_valid = valid.at[:, 0].set(False) if has_cls_token else valid
+  q_weight, k_weight = blocked(query_valid), blocked(valid)                 # [B, NB, bs]
+  basis = jnp.pad(basis, ((0, pad), (0, 0))).reshape(num_blocks, block_size, n_down)
+  k_mean = jnp.einsum("nsm,bns->bmn", basis, k_weight)
+  k_mean = k_mean / jnp.maximum(k_weight.sum(-1), 1.0)[:, None, :]         # [B, n_down, NB]
+  # Each row's score of each key block: its top coefficients times the gathered rows of k_mean
+  # ([B, H, Nq, topk, NB], not the [Nq, n_down] dense coefficients).
+  top_coef, top_index = jax.lax.top_k(coef, basis_topk)                     # [B, H, Nq, topk]
+  gathered = jax.vmap(lambda table, index: table[index])(k_mean, top_index)
+  row_scores = jnp.einsum("bhqt,bhqtk->bhqk", top_coef, gathered)          # [B, H, Nq, NB]
+  if has_cls_token:
+    row_scores = jnp.pad(row_scores, ((0, 0), (0, 0), (1, 0), (0, 0)))
+  row_scores = jnp.pad(row_scores, ((0, 0), (0, 0), (0, pad), (0, 0)))
+  row_scores = row_scores.reshape(batch, heads, num_blocks, block_size, num_blocks)
+  total = jnp.einsum("bhnsk,bns->bhnk", row_scores, q_weight)
+  return total / jnp.maximum(q_weight.sum(-1), 1.0)[:, None, :, None]
+
+
 class MaskPredictor(nn.Module):
   """The connectivity predictor: low-rank approximate attention A^ (docs/sparsifiner.md).
 
@@ -262,10 +315,13 @@ class MaskPredictor(nn.Module):
     reduce_n_factor: only for the error message.
     predictor_scale: 'num_heads' (H^-1/2, official) or 'head_dim' (d^-1/2, paper figure).
     basis_threshold, basis_topk, recon_mode, has_cls_token: see ``SparsifinerAttention``.
+    block_size: None, or (mode B only) return the block scores of ``block_scores`` for blocks of
+      this many tokens instead of A^.
     param_dtype: parameter dtype. The computation is float32.
 
   Call: q, k [B, N, H, d] (any float dtype), valid bool [B, N] (True = real, unpruned token) ->
-  A^ float32 [B, H, Nq, N].
+  A^ float32 [B, H, Nq, N], or with ``block_size`` (mode B) block scores float32
+  [B, H, NB, NB], NB = ceil(N / block_size).
 
   Raises:
     ValueError: N differs from the length proj_n / proj_back_n were initialised for.
@@ -279,6 +335,7 @@ class MaskPredictor(nn.Module):
   basis_topk: int = 8
   recon_mode: bool = False
   has_cls_token: bool = True
+  block_size: int | None = None
   param_dtype: base.Dtype = jnp.float32
 
   def _token_param(self, name: str, length: int) -> jax.Array:
@@ -315,6 +372,9 @@ class MaskPredictor(nn.Module):
       return jnp.einsum("bhnm,Nm->bhnN", coef, w_up)
     basis = jnp.abs(w_up)                                # mode B: T_tau(|W_up|), top coefficients
     basis = jnp.where(basis > self.basis_threshold, basis, 0.0)
+    if self.block_size is not None:
+      return block_scores(coef, basis, valid, self.basis_topk, self.block_size,
+                          self.has_cls_token)
     # A^[., n, j] = sum_t top_coef[., n, t] basis[j, top_index[., n, t]]: basis_topk gathered
     # rows of basis^T instead of a product with the (mostly zero) dense coefficients. The
     # barrier keeps XLA (CPU) from rewriting top_k + per-column slices into a full sort.
@@ -351,8 +411,13 @@ class SparsifinerAttention(nn.Module):
       from ``deterministic``.
     has_cls_token: token 0 is a CLS token: its query row is dense and it is not a predictor
       query. False: every row is predicted.
-    path: 'gather' (k keys per query, O(N k d)) or 'masked' (official dense-then-mask). Same
-      result.
+    path: 'gather' (k keys per query, O(N k d)) or 'masked' (official dense-then-mask), the same
+      result; or 'block' (ours, ``docs/sparsifiner.md``, "The block path"): the predictor scores
+      key blocks of ``block_size`` tokens per query block from block-averaged factors (no
+      [N, N] array), each query block keeps its own block and the best others, ceil(keep_rate *
+      NB) of the NB blocks in all, and attends to all real keys of those blocks; the CLS row is
+      dense. Recon mode (mode A) is the same on every path.
+    block_size: tokens per block of the 'block' path (64).
     token_keep_rate: EViT-style token pruning when < 1 (needs has_cls_token): sows
       ``token_keep_mask`` [B, N] keeping ceil(token_keep_rate * (N - 1)) patches.
     dtype: computation dtype (the predictor and the softmax run in float32);
@@ -383,6 +448,7 @@ class SparsifinerAttention(nn.Module):
   recon_mode: bool = False
   has_cls_token: bool = True
   path: str = "gather"
+  block_size: int = 64
   token_keep_rate: float = 1.0
   dtype: base.Dtype = jnp.float32
   param_dtype: base.Dtype = jnp.float32
@@ -418,6 +484,8 @@ class SparsifinerAttention(nn.Module):
     if self.predictor_scale not in _SCALES:
       raise ValueError(f"{_NAME}: unknown predictor_scale {self.predictor_scale!r}; valid "
                        f"choices: {', '.join(_SCALES)}")
+    if self.path == "block" and self.block_size < 1:
+      raise ValueError(f"{_NAME}: block_size must be >= 1; got {self.block_size}")
     if self.has_cls_token and length < 2:
       raise ValueError(f"{_NAME}: has_cls_token=True needs length >= 2; got {length}")
     if self.token_keep_rate < 1.0 and not self.has_cls_token:
@@ -455,7 +523,8 @@ class SparsifinerAttention(nn.Module):
     approx = MaskPredictor(
         self.num_heads, c, n_down, self.reduce_n_factor, self.predictor_scale,
         self.basis_threshold, self.basis_topk, self.recon_mode, self.has_cls_token,
-        self.param_dtype, name="mask_predictor")(q, k, valid)    # [B, H, Nq, N] float32
+        self.block_size if self.path == "block" else None, self.param_dtype,
+        name="mask_predictor")(q, k, valid)   # [B, H, Nq, N] (block path: [B, H, NB, NB])
     self.sow("intermediates", "approx_attn", approx)
     scale = head_dim ** -0.5
     drop = lambda w: base.attention_dropout(w, self.dropout_rate, deterministic)  # noqa: E731
@@ -467,6 +536,8 @@ class SparsifinerAttention(nn.Module):
       self.sow("intermediates", "unmasked_attn", weights)
       out = jnp.einsum("bhqk,bkhd->bqhd", drop(weights).astype(v.dtype), v)
       cls_weights = None
+    elif self.path == "block":
+      out, cls_weights = self._block(q, k, v, valid, approx, scale, drop)
     else:
       # Mode B: each predicted row keeps its top-k columns of A^; padded keys are never chosen,
       # and surplus slots (fewer real keys than k) are masked.
@@ -510,6 +581,46 @@ class SparsifinerAttention(nn.Module):
     weights = _safe_softmax(logits, allowed)
     out = jnp.einsum("bhqk,bkhd->bqhd", drop(weights).astype(v.dtype), v)
     return out, weights[:, :, 0] if self.has_cls_token else None
+
+  def _block(self, q, k, v, valid, scores, scale, drop):
+    """Block path: per query block, its own key block and the best others by ``scores``
+    [B, H, NB, NB]. Returns (out [B, N, H, d], CLS-row weights or None)."""
+    batch, length, heads, head_dim = q.shape
+    size = self.block_size
+    num_blocks = scores.shape[-1]
+    pad = num_blocks * size - length
+    kept = min(num_blocks, max(1, math.ceil(self.keep_rate * num_blocks)))
+    token_valid = jnp.pad(valid, ((0, 0), (0, pad))).reshape(batch, num_blocks, size)
+    block_valid = token_valid.any(-1)                                        # [B, NB]
+    score = jnp.where(block_valid[:, None, None, :], scores, -jnp.inf)
+    score = jnp.where(jnp.eye(num_blocks, dtype=bool), jnp.inf, score)      # own block always
+    _, chosen = jax.lax.top_k(jax.lax.stop_gradient(score), kept)          # [B, H, NB, kept]
+    chosen_valid = jax.vmap(lambda m, i: m[i])(block_valid, chosen)        # [B, H, NB, kept]
+    self.sow("intermediates", "attn_blocks",
+             jnp.where(chosen_valid, chosen, -1).astype(jnp.int32))
+
+    def blocks(t):                                                 # [B, N, H, d] -> blocks
+      t = jnp.pad(t.transpose(0, 2, 1, 3), ((0, 0), (0, 0), (0, pad), (0, 0)))
+      return t.reshape(batch, heads, num_blocks, size, head_dim)   # [B, H, NB, bs, d]
+
+    gather = jax.vmap(jax.vmap(lambda t, i: t[i]))                 # per batch and head
+    qb, kb, vb = blocks(q), blocks(k), blocks(v)
+    kg = gather(kb, chosen).reshape(batch, heads, num_blocks, kept * size, head_dim)
+    vg = gather(vb, chosen).reshape(batch, heads, num_blocks, kept * size, head_dim)
+    key_ok = jax.vmap(lambda m, i: m[i])(token_valid, chosen)      # [B, H, NB, kept, bs]
+    key_ok = (key_ok & chosen_valid[..., None]).reshape(batch, heads, num_blocks, 1, kept * size)
+    logits = jnp.einsum("bhnsd,bhntd->bhnst", qb, kg).astype(jnp.float32) * scale
+    weights = _safe_softmax(logits, key_ok)                        # [B, H, NB, bs, kept bs]
+    out = jnp.einsum("bhnst,bhntd->bhnsd", drop(weights).astype(v.dtype), vg)
+    out = out.reshape(batch, heads, num_blocks * size, head_dim)[:, :, :length]
+    cls_weights = None
+    if self.has_cls_token:                                         # the dense CLS row
+      qh, kh, vh = (t.transpose(0, 2, 1, 3) for t in (q, k, v))
+      cls_logits = jnp.einsum("bhd,bhnd->bhn", qh[:, :, 0], kh).astype(jnp.float32) * scale
+      cls_weights = _safe_softmax(cls_logits, valid[:, None, :])   # [B, H, N]
+      cls_out = jnp.einsum("bhn,bhnd->bhd", drop(cls_weights).astype(v.dtype), vh)
+      out = out.at[:, :, 0].set(cls_out)
+    return out.transpose(0, 2, 1, 3), cls_weights
 
   def _gather(self, q, k, v, valid, selected, selected_valid, scale, drop, dropout_active):
     """Only the k selected keys per predicted row; the CLS row dense. Same result as _masked.
