@@ -33,6 +33,7 @@ from typing import Any, Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from absl import flags
 from jax import lax
 from jax.experimental.pallas.ops.tpu import splash_attention as splash
 
@@ -100,6 +101,11 @@ def _xla_chunked(q, k, v, key_mask, scale):
   # Imported on first use: tokamax's import takes over a second, which every user of this module
   # would otherwise pay.
   import tokamax  # pylint: disable=import-outside-toplevel
+  if not flags.FLAGS.is_parsed():
+    # tokamax 0.0.12 reads its options from absl flags and, when nothing has parsed them yet,
+    # parses sys.argv: a script's or pytest's own arguments, which absl rejects. Its defaults
+    # are what this path wants.
+    flags.FLAGS.mark_as_parsed()
   return tokamax.dot_product_attention(q, k, v, mask=key_mask[:, None, None, :], scale=scale,
                                        implementation="xla_chunked")
 
