@@ -234,3 +234,32 @@ def test_unknown_cast_intra_implementation_is_an_error(intra_implementation):
   x = jnp.zeros((1, 1, 1, 4, 8))
   with pytest.raises(ValueError, match="INTRA_IMPLEMENTATION='flash'"):
     cast.intra_cluster_attention(x, x, x, jnp.ones((1, 1, 1, 4), bool), 1.0)
+
+
+def test_long_sequence_dropout_path_is_bounded_and_exact_without_drops(monkeypatch):
+  """Training with attention dropout from CHUNKED_MIN_LENGTH tokens: the chunked path equals the
+  XLA path when nothing is dropped, drops when asked, and its compiled temporaries grow with N,
+  not N^2 (thresholds scaled down here: 128-query steps from 512 tokens)."""
+  q, k, v = _qkv(jnp.float32, batch=1, length=1000, heads=2, head_dim=8)
+  mask = jnp.arange(1000)[None, :] < 900
+  rng = jax.random.key(4)
+  run = lambda rate: dense.chunked_dropout_attention(q, k, v, mask, rate, rng, chunk=256)  # noqa: E731
+  np.testing.assert_allclose(run(0.0)[:, :900], dense.attend(
+      q, k, v, mask, implementation="xla")[:, :900], atol=2e-6)
+  dropped = run(0.5)
+  chex.assert_tree_all_finite(dropped)
+  assert not np.allclose(dropped, run(0.0), atol=1e-3)
+
+  def temps(length):
+    x = jnp.zeros((1, length, 8))
+    module = dense.DenseAttention(1, dropout_rate=0.1)
+    variables = module.init(jax.random.key(0), x)
+    loss = lambda v: jnp.sum(module.apply(  # noqa: E731
+        v, x, deterministic=False, rngs={"dropout": jax.random.key(1)}))
+    return jax.jit(jax.grad(loss)).lower(variables).compile().memory_analysis().temp_size_in_bytes
+
+  monkeypatch.setattr(dense, "CHUNKED_MIN_LENGTH", 512)
+  monkeypatch.setattr(dense, "DROPOUT_CHUNK_QUERIES", 128)
+  chunked = temps(512), temps(1024)
+  monkeypatch.setattr(dense, "CHUNKED_MIN_LENGTH", 10**9)
+  assert chunked[1] < 2.2 * chunked[0] and 2 * chunked[0] < temps(512)

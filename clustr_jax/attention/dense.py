@@ -221,6 +221,49 @@ def masked_softmax_attention(query: jax.Array, key: jax.Array, value: jax.Array,
   return out, weights
 
 
+#: Queries per step of ``chunked_dropout_attention``.
+DROPOUT_CHUNK_QUERIES = 512
+
+
+def chunked_dropout_attention(query: jax.Array, key: jax.Array, value: jax.Array,
+                              key_mask: jax.Array, rate: float, rng: jax.Array,
+                              chunk: int | None = None) -> jax.Array:
+  """Dense attention with dropout on its weights, ``chunk`` queries at a time.
+
+  The training path of long sequences (no fused kernel takes dropout): each step forms the
+  [batch, heads, chunk, kv_length] weights of its queries (``masked_softmax_attention``), drops
+  them (keep probability 1 - rate, kept weights scaled by 1 / (1 - rate), as ``nn.Dropout``; the
+  step's key is ``fold_in(rng, step)``) and is recomputed in the backward pass, so memory is
+  O(chunk kv_length heads) instead of O(q_length kv_length heads).
+
+  Args:
+    query: [batch, q_length, heads, head_dim]; key, value: [batch, kv_length, heads, head_dim].
+    key_mask: bool [batch, kv_length], True = a real key.
+    rate: dropout rate in [0, 1).
+    rng: a PRNG key.
+    chunk: queries per step (default DROPOUT_CHUNK_QUERIES).
+
+  Returns:
+    [batch, q_length, heads, head_dim] in value's dtype.
+  """
+  chunk = chunk or DROPOUT_CHUNK_QUERIES
+  batch, length, heads, head_dim = query.shape
+  steps = -(-length // chunk)
+  padded = jnp.pad(query, ((0, 0), (0, steps * chunk - length), (0, 0), (0, 0)))
+  chunks = padded.reshape(batch, steps, chunk, heads, head_dim).swapaxes(0, 1)
+
+  @jax.checkpoint
+  def step(inputs):
+    q, i = inputs
+    _, weights = masked_softmax_attention(q, key, value, key_mask)       # [B, H, chunk, N]
+    keep = jax.random.bernoulli(jax.random.fold_in(rng, i), 1.0 - rate, weights.shape)
+    weights = jnp.where(keep, weights / (1.0 - rate), 0.0)
+    return jnp.einsum("bhqk,bkhd->bqhd", weights.astype(value.dtype), value)
+
+  out = lax.map(step, (chunks, jnp.arange(steps)))                        # [S, B, chunk, H, d]
+  return out.swapaxes(0, 1).reshape(batch, steps * chunk, heads, head_dim)[:, :length]
+
+
 class DenseAttention(nn.Module):
   """Full multi-head self-attention behind the attention contract (see ``base``).
 
@@ -228,7 +271,8 @@ class DenseAttention(nn.Module):
     num_heads: number of heads H.
     qkv_features: total query/key/value width (H * head_dim); default: the input width.
     out_features: output width; default: the input width.
-    dropout_rate: dropout on the attention weights (training only).
+    dropout_rate: dropout on the attention weights (training only; from CHUNKED_MIN_LENGTH
+      tokens ``chunked_dropout_attention``, below it the weights of all queries at once).
     use_bias: biases on the projections (LRA: False).
     out_bias: bias on the output projection; None = ``use_bias`` (ViT/DeiT and ClusTR stage 4:
       the official ``proj`` always has one, whatever qkv_bias).
@@ -274,6 +318,8 @@ class DenseAttention(nn.Module):
     q = nn.with_logical_constraint(q, ("batch", "length", "heads", "kv"))
     if deterministic or self.dropout_rate == 0.0:
       out = attend(q, k, v, mask, implementation=self.implementation)
+    elif x.shape[1] >= CHUNKED_MIN_LENGTH:
+      out = chunked_dropout_attention(q, k, v, mask, self.dropout_rate, self.make_rng("dropout"))
     else:
       _, weights = masked_softmax_attention(q, k, v, mask)
       weights = base.attention_dropout(weights, self.dropout_rate, deterministic)
