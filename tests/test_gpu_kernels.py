@@ -1,4 +1,5 @@
-"""On a GPU: the kernels ``dense.attend`` and CAST pick there, against the XLA path (docs/gpu_tpu.md).
+"""On a GPU: the kernels dense attention and CAST pick there, against the XLA path
+(docs/gpu_tpu.md).
 
 Every test here needs a CUDA GPU (``@pytest.mark.gpu``; skipped elsewhere). The GPU suite
 (``experiments/gpu/suite.py``) runs them first.

@@ -1,4 +1,4 @@
-"""Lowering for GPU and TPU checked on the CPU, and the kernels each platform gets (docs/gpu_tpu.md).
+"""Lowering for GPU and TPU, checked on the CPU, and the kernels of each platform (docs/gpu_tpu.md).
 
 * Every registered mechanism (forward and backward, float32 and bfloat16) and one train step of
   each model family export for 'cuda' and for 'tpu' with ``jax.export`` (one platform per export:

@@ -211,7 +211,8 @@ def masked_softmax_attention(query: jax.Array, key: jax.Array, value: jax.Array,
     key_mask: bool [batch, kv_length], True = the key may be attended to.
 
   Returns:
-    (output [batch, q_length, heads, head_dim], weights float32 [batch, heads, q_length, kv_length]).
+    (output [batch, q_length, heads, head_dim],
+     weights float32 [batch, heads, q_length, kv_length]).
   """
   scale = query.shape[-1] ** -0.5
   logits = jnp.einsum("bqhd,bkhd->bhqk", query, key).astype(jnp.float32) * scale
