@@ -32,8 +32,8 @@ Three stages, each timed, outputs in --output_dir (default ``experiments/results
 
 --dry_run runs every stage on the CPU backend at tiny sizes (128 tokens, 2 heads x 16; the
 ListOps CPU variant's data with a 1-layer model of width 32 for 3 steps), so that the whole path
-is tested without a GPU (tests/test_gpu_suite.py). A stage that fails is reported in summary.md and the suite goes on;
-the exit status is non-zero if any stage failed.
+is tested without a GPU (tests/test_gpu_suite.py). A stage that fails is reported in summary.md
+and the suite goes on; the exit status is non-zero if any stage failed.
 """
 
 from __future__ import annotations
