@@ -43,9 +43,9 @@ from clustr_jax.attention import base
 IMPLEMENTATIONS = ("auto", "xla", "xla_chunked", "cudnn", "splash")
 
 #: Key lengths from which 'auto' takes tokamax's chunked path instead of the XLA path (where no
-#: fused kernel applies). Forward+backward on 2 CPU cores, B 1, 8 heads x 64, float32: 1,024
-#: keys 0.14 s (XLA) against 0.16 s (chunked); 2,048 keys 0.62 s / 130 MiB of temporaries
-#: against 0.55 s / 516 MiB (``docs/gpu_tpu.md``).
+#: fused kernel applies). Forward+backward on 2 shared CPU cores, B 1, 8 heads x 64, float32:
+#: 1,024 keys 0.14 s (XLA) against 0.16 s (chunked); 2,048 keys 0.62 s with 516 MiB of compiled
+#: temporaries (XLA) against 0.55 s with 127 MiB (chunked) (``docs/gpu_tpu.md``).
 CHUNKED_MIN_LENGTH = 2048
 
 #: cuDNN's fused attention: its dtypes, and the head sizes every cuDNN 9 GPU accepts.
