@@ -171,8 +171,8 @@ def run_kernels(out: pathlib.Path, lengths: list[int], dtype_name: str, reps: in
            f"Batch {batch}, {heads} heads x {head_dim}, {dtype_name}; medians of {reps} "
            "interleaved calls after a warm-up (experiments/benchmarks/attention.py's machinery). "
            f"Ceilings of this run: bfloat16 {ceilings_args[0]}^3 matmul "
-           f"{ceilings['matmul_tflop_per_s']:.1f} TFLOP/s, device copy of {ceilings_args[1]} MiB "
-           f"{ceilings['copy_gb_per_s']:.0f} GB/s. `of_matmul`, `of_copy`: the fractions of "
+           f"{ceilings['matmul_tflop_per_s']:.4g} TFLOP/s, device copy of {ceilings_args[1]} MiB "
+           f"{ceilings['copy_gb_per_s']:.4g} GB/s. `of_matmul`, `of_copy`: the fractions of "
            "them. Dense FLOPs: 4 B H N^2 d forward, x3.5 forward+backward (FlashAttention-2's "
            "convention); CAST's: XLA's count with plain intra-cluster products. Bytes: XLA's "
            "'bytes accessed' of the program that ran.", "", *_markdown_table(rows)]
@@ -349,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
            f"Python {platform.python_version()}, {os.cpu_count()} CPUs; load average at the end "
            f"{tuple(round(x, 2) for x in os.getloadavg())}.", ""]
   for stage in stages:
-    result = {k: v for k, v in report[stage].items() if k != "summary"}
+    result = dict(report[stage])
     lines += [f"## {stage}: {'ok' if result.pop('ok') else 'FAILED'} ({times[stage]:.0f} s)",
               "", "```", json.dumps(result, indent=1, default=str), "```", ""]
   (out / "summary.md").write_text("\n".join(lines))
