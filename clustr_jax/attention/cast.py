@@ -101,7 +101,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from clustr_jax.attention import base
+from clustr_jax.attention import base, dense
 
 _NAME = "CASTAttention"
 
@@ -229,12 +229,24 @@ def _scatter_add(values: jax.Array, idx: jax.Array, length: int) -> jax.Array:
 # custom backward pass that recomputes them step by step from the saved row maxima and sums (as
 # flash attention does). XLA:CPU runs one batched [512 x 128 x 64] x [64 x 128] product far
 # below its matmul rate, and the plain backward pass through it far slower still; the layer-level
-# gain is in experiments/results/cast_ab.md (experiments/benchmarks/cast_ab.py). Other backends,
-# and attention dropout, use the batched product with autodiff.
+# gain is in experiments/results/cast_ab.md (experiments/benchmarks/cast_ab.py). On CUDA and TPU
+# the clusters go, as a batch of one-head sequences of kappa tokens, through dense attention's
+# fused kernel (cuDNN; splash attention with kappa padded to 128) where ``dense.
+# choose_implementation`` picks one, else through the batched product with autodiff, as do other
+# backends and attention dropout (docs/gpu_tpu.md).
 # --------------------------------------------------------------------------------------------
 
 #: Clusters per step of the CPU intra-cluster attention (a divisor of B H N_c is used).
 INTRA_CHUNK_CLUSTERS = 16
+
+#: Valid values of INTRA_IMPLEMENTATION.
+INTRA_IMPLEMENTATIONS = ("auto", "chunked", "batched", "cudnn", "splash")
+
+#: The intra-cluster kernel, read when traced: 'auto' (chosen per platform at lowering time:
+#: 'chunked' on the CPU; on CUDA and TPU the fused kernel that ``dense.choose_implementation``
+#: gives for kappa keys, else 'batched'), or one forced for tests and benchmarks: 'chunked',
+#: 'batched', 'cudnn' (CUDA only), 'splash' (the Pallas interpreter off TPU).
+INTRA_IMPLEMENTATION = "auto"
 
 
 def _intra_logits(q_c, k_c, valid, scale):
@@ -304,6 +316,25 @@ def _chunked_intra_bwd(scale, rows, residuals, d_out):
 _chunked_intra_attention.defvjp(_chunked_intra_fwd, _chunked_intra_bwd)
 
 
+def _fused_intra_attention(q_c, k_c, v_c, valid, scale, implementation):
+  """``_intra_attention`` through ``dense.attend``'s fused kernel: the B H N_c clusters as a batch
+  of one-head sequences of kappa tokens, invalid slots masked as keys. A cluster without valid
+  members gets finite rows of another value than ``_intra_attention``'s; CAST discards them."""
+  shape = q_c.shape
+  flat = lambda t: t.reshape((-1, shape[3], 1, shape[4]))  # noqa: E731  [B H C, kappa, 1, d]
+  out = dense.attend(flat(q_c), flat(k_c), flat(v_c), valid.reshape(-1, shape[3]),
+                     implementation=implementation, scale=scale)
+  return out.reshape(shape)
+
+
+def _accelerator_intra(platform: str, dtype, head_dim: int, kappa: int) -> str | None:
+  """The fused kernel 'auto' runs on ``platform`` ('cuda' or 'tpu'); None: the batched product."""
+  fused = dense.choose_implementation(platform, dtype, head_dim, kappa)
+  if fused == "splash" or (fused == "cudnn" and dense.cudnn_available()):
+    return fused
+  return None
+
+
 def intra_cluster_attention(q_c: jax.Array, k_c: jax.Array, v_c: jax.Array, valid: jax.Array,
                             scale: float, dropout=None) -> jax.Array:
   """Softmax attention inside each cluster: R_intra of the module docstring (docs/cast.md).
@@ -315,17 +346,38 @@ def intra_cluster_attention(q_c: jax.Array, k_c: jax.Array, v_c: jax.Array, vali
     dropout: optional function on the weights [B, H, N_c, kappa, kappa] (training).
 
   Returns:
-    [B, H, N_c, kappa, d] in v_c's dtype; logits and softmax in float32. On the CPU without
-    dropout, computed in steps of ``INTRA_CHUNK_CLUSTERS`` clusters with a recomputing backward
-    pass (same values; gradients equal to float rounding).
+    [B, H, N_c, kappa, d] in v_c's dtype; logits and softmax in float32. The kernel is
+    INTRA_IMPLEMENTATION's: by default, on the CPU without dropout, steps of
+    ``INTRA_CHUNK_CLUSTERS`` clusters with a recomputing backward pass; on CUDA and TPU a fused
+    kernel where one applies (docs/gpu_tpu.md). Rows of clusters without valid members are
+    finite but differ between kernels; every other row agrees to float rounding.
+
+  Raises:
+    ValueError: an unknown INTRA_IMPLEMENTATION, or 'cudnn' without a CUDA GPU.
   """
   if dropout is not None:
     return _intra_attention(q_c, k_c, v_c, valid, scale, dropout)
   rows = math.gcd(math.prod(q_c.shape[:3]), INTRA_CHUNK_CLUSTERS)
-  return lax.platform_dependent(
-      q_c, k_c, v_c, valid,
-      cpu=lambda *a: _chunked_intra_attention(*a, scale, rows),
-      default=lambda *a: _intra_attention(*a, scale))
+  chunked = lambda *a: _chunked_intra_attention(*a, scale, rows)  # noqa: E731
+  batched = lambda *a: _intra_attention(*a, scale)  # noqa: E731
+  args = (q_c, k_c, v_c, valid)
+  if INTRA_IMPLEMENTATION not in INTRA_IMPLEMENTATIONS:
+    raise ValueError(f"{_NAME}: unknown cast.INTRA_IMPLEMENTATION={INTRA_IMPLEMENTATION!r}; "
+                     f"valid choices: {', '.join(repr(i) for i in INTRA_IMPLEMENTATIONS)}")
+  if INTRA_IMPLEMENTATION == "chunked":
+    return chunked(*args)
+  if INTRA_IMPLEMENTATION == "batched":
+    return batched(*args)
+  if INTRA_IMPLEMENTATION != "auto":
+    return _fused_intra_attention(*args, scale, INTRA_IMPLEMENTATION)
+  branch = {}
+  for platform in ("cuda", "tpu"):
+    fused = _accelerator_intra(platform, q_c.dtype, q_c.shape[-1], q_c.shape[-2])
+    branch[platform] = batched if fused is None else functools.partial(
+        _fused_intra_attention, scale=scale, implementation=fused)
+  # Equal branches (the batched product) are joined by platform_dependent and traced once.
+  return lax.platform_dependent(*args, cpu=chunked, cuda=branch["cuda"], tpu=branch["tpu"],
+                                default=batched)
 
 
 def _f(a: jax.Array, mask: jax.Array, axis: str) -> jax.Array:

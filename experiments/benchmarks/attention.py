@@ -71,7 +71,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from clustr_jax.attention import cast, clustr, sparsifiner
+from clustr_jax.attention import cast, clustr, dense, sparsifiner
 from clustr_jax.attention.cast import CASTAttention
 from clustr_jax.attention.clustr import ClusTRAttention
 from clustr_jax.attention.dense import DenseAttention
@@ -135,14 +135,15 @@ def build_cases(mechanism: str, batch: int, length: int, heads: int, head_dim: i
   family, _, scope = mechanism.partition(".")
   cast_kwargs = {"num_clusters": CAST_CLUSTERS, "cluster_size": min(CAST_KAPPA, length)}
   sa = {"cast_topk": "top_k", "cast_satopk": "sa_top_k"}.get(family)
+  # cuDNN's fused kernel on a GPU where it applies, else the XLA path (docs/gpu_tpu.md).
+  platform = "cuda" if jax.default_backend() == "gpu" else "cpu"
+  fused = dense.choose_implementation(platform, dtype, head_dim, length) == "cudnn"
+  impl = "cudnn" if fused else "xla"
   if mechanism == "dense.layer":
-    impl = "cudnn" if jax.default_backend() == "gpu" else "xla"
     return _module_cases(mechanism, DenseAttention(heads, implementation=impl, dtype=dtype), x,
                          mask)
   if mechanism == "dense.proper":
-    impl = "cudnn" if jax.default_backend() == "gpu" else "xla"
-    fn = lambda q, k, v: jax.nn.dot_product_attention(  # noqa: E731
-        q, k, v, mask=mask[:, None, None, :], implementation=impl)
+    fn = lambda q, k, v: dense.attend(q, k, v, mask, implementation=impl)  # noqa: E731
     args = _qkv(batch, length, heads, head_dim, dtype)
     return [Case(mechanism, "fwd", jax.jit(fn), args),
             Case(mechanism, "fwd+bwd", jax.jit(_loss_grad(fn, (0, 1, 2))), args)]
