@@ -34,6 +34,17 @@ RENAMED_DATASETS = {"imdb": "text", "aan": "retrieval", "cifar10": "image"}
 # a pyramid stage's ClusTR tie-break noise is the attention's own setting, not a model field.
 
 
+def _fair_comparisons(expected: dict) -> dict:
+  """The intended changes of issue 14 ("Fair, faithful comparisons"), applied to a snapshot:
+
+  * Sparsifiner's recipes use its official ``utils.cosine_scheduler`` (schedule
+    'warmup_cosine': the warm-up, then the cosine over the remaining steps), not timm's cosine.
+  """
+  if expected["model"].get("attention") == "sparsifiner" and expected.get("distill"):
+    expected["schedule"] = "warmup_cosine"
+  return expected
+
+
 def _expected(snapshot: dict) -> dict:
   expected = copy.deepcopy(snapshot)
   for key, value in ADDED_KEYS.items():
@@ -43,7 +54,7 @@ def _expected(snapshot: dict) -> dict:
   if expected["dataset"]["name"] == "imagenet" and expected["dataset"]["classes"] == "folder" \
       and expected["dataset"]["data_dir"].endswith("imagenette_224"):
     expected["dataset"]["data_dir"] = None
-  return expected
+  return _fair_comparisons(expected)
 
 
 def _snapshots() -> dict[str, dict]:

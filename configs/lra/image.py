@@ -5,8 +5,8 @@ Official (``lra_benchmarks/image/configs/cifar10/{base_cifar10_config,transforme
 CLS pooling (the CLS token takes the first pixel's mask), pixel value 0 is padding (both LRA
 quirks, on: ``model.zero_is_padding``, ``model.cls_mask_from_first_token``), dropout 0.3 /
 attention dropout 0.2, batch 256, 35,000 steps (200 epochs of 175), Adam(0.9, 0.98, 1e-9),
-lr 5e-4 * linear_warmup(175) * cosine_decay (one cycle over the run: ``steps_per_cycle`` =
-steps - warmup, our ``optim.py`` default), no weight decay, eval every epoch (175 steps).
+lr 5e-4 * linear_warmup(175) * cosine_decay (LRA's cycle: ``steps_per_cycle`` = the total
+steps, ``optim.py``'s default), no weight decay, eval every epoch (175 steps).
 Splits train[:90%] / train[90%:] / test (45,000 / 5,000 / 10,000). LRA's Transformer reaches
 42.44% test accuracy.
 
