@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
+
 FACTORS = ("constant", "linear_warmup", "rsqrt_decay", "cosine_decay")
 
 

@@ -500,19 +500,32 @@ class CASTAttention(nn.Module):
 
   @classmethod
   def sized_for(cls, length: int, *, grid: tuple[int, int] | None = None,
-                cls_token: bool | None = None, sr_ratio: int | None = None) -> dict[str, Any]:
+                cls_token: bool | None = None, sr_ratio: int | None = None,
+                budget: Any = None) -> dict[str, Any]:
     """Settings for ``length`` tokens (see ``clustr_jax.attention.sized_for``): N_c ~ sqrt(N)
     clusters (a multiple of 8 for a 1-D sequence, for the accelerators' tiles) of
-    kappa = ceil(N / N_c) slots, so N_c kappa >= N: enough slots for every token. With the
-    default Top-K clustering the clusters may overlap, so this bounds the slots, not coverage.
+    kappa = ceil(N / N_c) slots, so N_c kappa >= N: enough slots for every token. That bounds
+    the slots, not coverage: with the default Top-K clustering each cluster takes its kappa
+    most affine tokens independently, so clusters may overlap and leave tokens in no cluster
+    (the module sows how many: ``uncovered_fraction``, ``overlap_fraction``); only SA Top-K
+    (``clustering='sa_top_k'``) assigns every real token to exactly one cluster when
+    N_c kappa >= N.
+
+    With a ``budget`` (``clustr_jax.attention.Budget``): the surrogates, H N_c d = N_c qkv
+    parameters per layer, are CAST's only addition (no biases, as the dense baseline); N_c is
+    lowered (to a multiple of 8 where possible) until they fit ``budget.extra_parameters``.
     """
     del cls_token, sr_ratio
     if grid is None:
       num_clusters = max(1, int(round(length ** 0.5 / 8)) * 8)
-      return {"num_clusters": num_clusters,
-              "cluster_size": min(length, -(-length // num_clusters))}
-    num_clusters = max(1, int(round(length ** 0.5)))
-    return {"num_clusters": num_clusters, "cluster_size": -(-length // num_clusters)}
+    else:
+      num_clusters = max(1, int(round(length ** 0.5)))
+    if budget is not None:
+      fit = budget.extra_parameters // budget.qkv_features
+      if num_clusters > fit:
+        num_clusters = max(1, fit // 8 * 8 if fit >= 8 else fit)
+    return {"num_clusters": num_clusters,
+            "cluster_size": min(length, -(-length // num_clusters))}
 
   def _check_settings(self, length: int) -> None:
     for option, valid in CHOICES.items():

@@ -486,7 +486,8 @@ class ClusTRAttention(nn.Module):
 
   @classmethod
   def sized_for(cls, length: int, *, grid: tuple[int, int] | None = None,
-                cls_token: bool | None = None, sr_ratio: int | None = None) -> dict[str, Any]:
+                cls_token: bool | None = None, sr_ratio: int | None = None,
+                budget: Any = None) -> dict[str, Any]:
     """Settings for ``length`` tokens (see ``clustr_jax.attention.sized_for``).
 
     A pyramid stage (``sr_ratio`` given): the official clusters (N // sr^2, 4 (N // sr^2)) from
@@ -494,6 +495,11 @@ class ClusTRAttention(nn.Module):
     scales (M, 4M) with M = N // 4, as the pyramid's third stage (sr 2: 49 and 196 clusters at
     197 tokens). A 1-D sequence (LRA): M = N // 16 (125 and 500 clusters at 2,001 tokens) and
     the distance matrix in chunks of 512 rows.
+
+    With a ``budget`` (``clustr_jax.attention.Budget``, LRA's comparison): no q/kv biases, as the
+    dense baseline. ClusTR's additions are not settings: a second key/value projection (one per
+    scale, 2 C qkv per layer), the merge's weight_layer (C + 1) and the output bias (C), so the
+    budget cannot be met by sizing; ``configs/lra/common.py`` states the overhead.
     """
     del cls_token
     if sr_ratio is not None:
@@ -502,6 +508,8 @@ class ClusTRAttention(nn.Module):
     settings: dict[str, Any] = {"num_clusters": (m, min(4 * m, length))}
     if grid is None:
       settings["distance_chunk_size"] = 512
+    if budget is not None:
+      settings["use_bias"] = False
     return settings
 
   def _scales(self, length: int) -> tuple[int, ...]:

@@ -72,10 +72,11 @@ class DenseAttention(nn.Module):
 
   @classmethod
   def sized_for(cls, length: int, *, grid: tuple[int, int] | None = None,
-                cls_token: bool | None = None, sr_ratio: int | None = None) -> dict[str, Any]:
+                cls_token: bool | None = None, sr_ratio: int | None = None,
+                budget: Any = None) -> dict[str, Any]:
     """Settings for a sequence of ``length`` tokens (see ``clustr_jax.attention.sized_for``):
-    none, full attention has nothing to size."""
-    del length, grid, cls_token, sr_ratio
+    none, full attention has nothing to size (it is the budget's reference)."""
+    del length, grid, cls_token, sr_ratio, budget
     return {}
 
   @nn.compact

@@ -389,13 +389,21 @@ class SparsifinerAttention(nn.Module):
 
   @classmethod
   def sized_for(cls, length: int, *, grid: tuple[int, int] | None = None,
-                cls_token: bool | None = None, sr_ratio: int | None = None) -> dict[str, Any]:
+                cls_token: bool | None = None, sr_ratio: int | None = None,
+                budget: Any = None) -> dict[str, Any]:
     """Settings for ``length`` tokens (see ``clustr_jax.attention.sized_for``), keep rate 0.25.
 
     An image grid: the released configuration, n_down = N // 6 and c = d // 2 (for short
     sequences, N < 48, a smaller factor keeps n_down >= basis_topk = 8), the CLS row as stated
     by ``cls_token``. A 1-D sequence (LRA): n_down = N // (N // 32) ~ 32, so the predictor's
     [N, n_down] projections stay small at long N.
+
+    With a ``budget`` (``clustr_jax.attention.Budget``, LRA's comparison): no q/k/v biases (the
+    dense baseline has none; the output projection keeps the official bias), and n_down lowered
+    until the added parameters, per layer 2 (d c + c) + 2 N n_down + C, fit
+    ``budget.extra_parameters``, but not below basis_topk = 8, the method's smallest n_down.
+    At that floor the per-layer token-axis projections may still exceed the budget (the
+    32-wide Pathfinder model): ``configs/lra/common.py`` then states the overhead.
     """
     del sr_ratio
     if grid is None:
@@ -405,6 +413,18 @@ class SparsifinerAttention(nn.Module):
       settings = {"keep_rate": 0.25, "reduce_n_factor": factor, "reduce_c_factor": 2}
     if cls_token is not None:
       settings["has_cls_token"] = cls_token
+    if budget is not None:
+      settings["use_bias"] = False
+      head_dim = budget.qkv_features // budget.num_heads
+      c = max(1, head_dim // settings.get("reduce_c_factor", cls.reduce_c_factor))
+      fixed = 2 * (head_dim * c + c) + budget.features
+      n_fit = (budget.extra_parameters - fixed) // (2 * length)
+      factor, floor = settings["reduce_n_factor"], cls.basis_topk
+      while length // factor > max(n_fit, floor):
+        factor += 1
+      if length // factor < min(floor, length):
+        factor = max(1, length // floor)
+      settings["reduce_n_factor"] = factor
     return settings
 
   def _sizes(self, length: int, head_dim: int) -> tuple[int, int, int, int]:
