@@ -88,6 +88,9 @@ over the N_c kappa slots.
 Sown into 'intermediates' (for plots and losses): 'cluster_indices' int32 [B, H, N_c, kappa],
 'cluster_valid' bool [B, H, N_c, kappa] (which slots hold a real member), 'coverage' int32
 [B, H, N] (number of clusters holding each token), 'alpha' float32 [B, H, N_c, N].
+Sown into 'metrics' (float32 scalars, logged by the train loop): 'uncovered_fraction' and
+'overlap_fraction', the fractions of (real token, head) pairs in no cluster and in more than one
+(docs/cast.md, "Coverage").
 """
 
 from __future__ import annotations
@@ -505,11 +508,14 @@ class CASTAttention(nn.Module):
     """Settings for ``length`` tokens (see ``clustr_jax.attention.sized_for``): N_c ~ sqrt(N)
     clusters (a multiple of 8 for a 1-D sequence, for the accelerators' tiles) of
     kappa = ceil(N / N_c) slots, so N_c kappa >= N: enough slots for every token. That bounds
-    the slots, not coverage: with the default Top-K clustering each cluster takes its kappa
-    most affine tokens independently, so clusters may overlap and leave tokens in no cluster
-    (the module sows how many: ``uncovered_fraction``, ``overlap_fraction``); only SA Top-K
-    (``clustering='sa_top_k'``) assigns every real token to exactly one cluster when
-    N_c kappa >= N.
+    the slots, not coverage. What each clustering mode guarantees (the module sows the
+    fractions in its 'metrics': ``uncovered_fraction``, ``overlap_fraction``):
+      'top_k' (default)           nothing: each cluster takes its kappa most affine tokens
+                                  independently, so clusters overlap and may leave tokens out;
+      'sa_top_k', 'argmax'        no overlap; a cluster's overflow beyond kappa is dropped, so
+                                  tokens may be left out;
+      'sa_top_k', 'greedy' or     every real token in exactly one cluster when N_c kappa >= N.
+        'sequential'
 
     With a ``budget`` (``clustr_jax.attention.Budget``): the surrogates, H N_c d = N_c qkv
     parameters per layer, are CAST's only addition (no biases, as the dense baseline); N_c is
@@ -572,6 +578,12 @@ class CASTAttention(nn.Module):
                  lambda w: base.attention_dropout(w, self.dropout_rate, deterministic)))
     for name, value in aux.items():
       self.sow("intermediates", name, value)
+    # Coverage as a metric: the fraction of (real token, head) pairs in no cluster / in several.
+    real = mask[:, None, :]                                                # [B, 1, N]
+    pairs = jnp.maximum(jnp.sum(real) * heads, 1).astype(jnp.float32)
+    self.sow("metrics", "uncovered_fraction",
+             jnp.sum((aux["coverage"] == 0) & real) / pairs)
+    self.sow("metrics", "overlap_fraction", jnp.sum((aux["coverage"] > 1) & real) / pairs)
     return base.OutputProjection(
         self.out_features or features, self.use_bias, self.dtype, self.param_dtype,
         name="out")(out.astype(self.dtype))
