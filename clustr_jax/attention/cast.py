@@ -578,12 +578,13 @@ class CASTAttention(nn.Module):
                  lambda w: base.attention_dropout(w, self.dropout_rate, deterministic)))
     for name, value in aux.items():
       self.sow("intermediates", name, value)
-    # Coverage as a metric: the fraction of (real token, head) pairs in no cluster / in several.
-    real = mask[:, None, :]                                                # [B, 1, N]
-    pairs = jnp.maximum(jnp.sum(real) * heads, 1).astype(jnp.float32)
-    self.sow("metrics", "uncovered_fraction",
-             jnp.sum((aux["coverage"] == 0) & real) / pairs)
-    self.sow("metrics", "overlap_fraction", jnp.sum((aux["coverage"] > 1) & real) / pairs)
+    if not self.is_initializing():  # Not part of the initial variables.
+      # Coverage as a metric: the fraction of (real token, head) pairs in no / several clusters.
+      real = mask[:, None, :]                                              # [B, 1, N]
+      pairs = jnp.maximum(jnp.sum(real) * heads, 1).astype(jnp.float32)
+      self.sow("metrics", "uncovered_fraction",
+               jnp.sum((aux["coverage"] == 0) & real) / pairs)
+      self.sow("metrics", "overlap_fraction", jnp.sum((aux["coverage"] > 1) & real) / pairs)
     return base.OutputProjection(
         self.out_features or features, self.use_bias, self.dtype, self.param_dtype,
         name="out")(out.astype(self.dtype))
