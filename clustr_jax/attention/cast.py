@@ -472,6 +472,7 @@ class CASTAttention(nn.Module):
     combination: C6 (and C11), 'weighted' (default) or 'intra_plus_others'.
     shared_surrogates: C7, one [N_c, d] set shared by all heads (default False: [H, N_c, d]).
     surrogate_init_stddev: C10, stddev of the normal initializer of the surrogates (0.02).
+    kernel_init: the projections' kernel initializer (None: xavier-uniform, LRA's).
 
   Call: ``x`` [batch, length, features] float, ``mask`` bool [batch, length] (True = real token)
   or None -> [batch, length, out_features] in ``dtype``. Parameters: 'query', 'key', 'value'
@@ -500,6 +501,7 @@ class CASTAttention(nn.Module):
   combination: str = "weighted"
   shared_surrogates: bool = False
   surrogate_init_stddev: float = 0.02
+  kernel_init: base.Initializer | None = None
 
   @classmethod
   def sized_for(cls, length: int, *, grid: tuple[int, int] | None = None,
@@ -557,7 +559,8 @@ class CASTAttention(nn.Module):
     heads, num_clusters, kappa = self.num_heads, self.num_clusters, self.cluster_size
 
     proj = lambda name: base.HeadProjection(  # noqa: E731
-        heads, head_dim, self.use_bias, self.dtype, self.param_dtype, name=name)
+        heads, head_dim, self.use_bias, self.dtype, self.param_dtype,
+        kernel_init=self.kernel_init, name=name)
     q, k, v = proj("query")(x), proj("key")(x), proj("value")(x)            # [B, N, H, d]
     q = nn.with_logical_constraint(q, ("batch", "length", "heads", "kv"))
 
@@ -587,4 +590,4 @@ class CASTAttention(nn.Module):
       self.sow("metrics", "overlap_fraction", jnp.sum((aux["coverage"] > 1) & real) / pairs)
     return base.OutputProjection(
         self.out_features or features, self.use_bias, self.dtype, self.param_dtype,
-        name="out")(out.astype(self.dtype))
+        kernel_init=self.kernel_init, name="out")(out.astype(self.dtype))

@@ -421,13 +421,14 @@ class KeyValueProjection(nn.Module):
   use_bias: bool = True
   dtype: base.Dtype = jnp.float32
   param_dtype: base.Dtype = jnp.float32
-  kernel_init: base.Initializer = base.default_kernel_init(in_axis=0, out_axis=(1, 2, 3))
+  kernel_init: base.Initializer | None = None   # None: xavier-uniform over the flat matrix.
   bias_init: base.Initializer = nn.initializers.zeros_init()
 
   @nn.compact
   def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    init = self.kernel_init or base.default_kernel_init(in_axis=0, out_axis=(1, 2, 3))
     kernel = self.param(
-        "kernel", nn.with_logical_partitioning(self.kernel_init, ("embed", None, "heads", "kv")),
+        "kernel", nn.with_logical_partitioning(init, ("embed", None, "heads", "kv")),
         (x.shape[-1], 2, self.num_heads, self.head_dim), self.param_dtype)
     x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
     y = jnp.einsum("...f,fthd->...thd", x, kernel)
@@ -449,6 +450,8 @@ class ClusTRAttention(nn.Module):
     dropout_rate: dropout on the attention weights of every scale (official attn_drop = 0).
     use_bias: biases on q and kv (official qkv_bias=True); proj and weight_layer always have one.
     dtype: computation dtype of the projections; param_dtype: parameter dtype.
+    kernel_init: the q/kv/proj projections' kernel initializer (None:
+      xavier-uniform, LRA's; the official _init_weights: trunc-normal(0.02)).
     num_clusters: M_s per scale; None = the official (N // sr^2, 4 (N // sr^2)) from the actual N.
     sr_ratio: only sets the default num_clusters (the pyramid's stages 1-3 use 8, 4, 2).
     knn_k: neighbours for the local density, self included (official 5).
@@ -483,6 +486,7 @@ class ClusTRAttention(nn.Module):
   density_noise: bool | str = False
   distance_chunk_size: int | None = None
   merge_eps: float = 1e-6
+  kernel_init: base.Initializer | None = None
 
   @classmethod
   def sized_for(cls, length: int, *, grid: tuple[int, int] | None = None,
@@ -540,7 +544,7 @@ class ClusTRAttention(nn.Module):
         length, self._scales(length), self.knn_k, self.distance_chunk_size, _NAME)
 
     q = base.HeadProjection(self.num_heads, head_dim, self.use_bias, self.dtype,
-                            self.param_dtype, name="q")(x)                 # [B, N, H, d]
+                            self.param_dtype, kernel_init=self.kernel_init, name="q")(x)                 # [B, N, H, d]
     q = nn.with_logical_constraint(q, ("batch", "length", "heads", "kv"))
     score = nn.Dense(
         1, dtype=jnp.float32, param_dtype=self.param_dtype,
@@ -565,7 +569,8 @@ class ClusTRAttention(nn.Module):
     out = None
     for s, xbar in enumerate(merged):                                     # xbar [B, M_s, C]
       k, v = KeyValueProjection(self.num_heads, head_dim, self.use_bias, self.dtype,
-                                self.param_dtype, name=f"kv{s + 1}")(xbar.astype(self.dtype))
+                                self.param_dtype, kernel_init=self.kernel_init,
+                                name=f"kv{s + 1}")(xbar.astype(self.dtype))
       key_mask = clusters.centres[s] >= 0                                  # [B, M_s]
       logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
       logits = logits * head_dim ** -0.5
@@ -575,4 +580,5 @@ class ClusTRAttention(nn.Module):
       o = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(v.dtype), v)
       out = o if out is None else out + o
     return base.OutputProjection(self.out_features or features, True, self.dtype,
-                                 self.param_dtype, name="proj")(out)
+                                 self.param_dtype, kernel_init=self.kernel_init,
+                                 name="proj")(out)

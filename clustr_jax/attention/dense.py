@@ -55,6 +55,7 @@ class DenseAttention(nn.Module):
     implementation: ``jax.nn.dot_product_attention``'s implementation (None = XLA choice, 'xla',
       'cudnn'); used whenever attention dropout is inactive.
     dtype: computation dtype; param_dtype: parameter dtype.
+    kernel_init: the projections' kernel initializer (None: xavier-uniform, LRA's).
 
   Call: ``x`` [batch, length, features], ``mask`` bool [batch, length] (True = real token) ->
   [batch, length, out_features]. Raises ValueError for a mask of the wrong shape or heads that do
@@ -69,6 +70,7 @@ class DenseAttention(nn.Module):
   implementation: str | None = None
   dtype: base.Dtype = jnp.float32
   param_dtype: base.Dtype = jnp.float32
+  kernel_init: base.Initializer | None = None
 
   @classmethod
   def sized_for(cls, length: int, *, grid: tuple[int, int] | None = None,
@@ -86,7 +88,8 @@ class DenseAttention(nn.Module):
     features = x.shape[-1]
     _, head_dim = base.head_dims(features, self.qkv_features, self.num_heads, "DenseAttention")
     proj = lambda name: base.HeadProjection(  # noqa: E731
-        self.num_heads, head_dim, self.use_bias, self.dtype, self.param_dtype, name=name)
+        self.num_heads, head_dim, self.use_bias, self.dtype, self.param_dtype,
+        kernel_init=self.kernel_init, name=name)
     q, k, v = proj("query")(x), proj("key")(x), proj("value")(x)
     q = nn.with_logical_constraint(q, ("batch", "length", "heads", "kv"))
     if deterministic or self.dropout_rate == 0.0:
@@ -99,4 +102,4 @@ class DenseAttention(nn.Module):
     return base.OutputProjection(
         self.out_features or features,
         self.use_bias if self.out_bias is None else self.out_bias, self.dtype,
-        self.param_dtype, name="out")(out)
+        self.param_dtype, kernel_init=self.kernel_init, name="out")(out)

@@ -88,8 +88,8 @@ Parameters (names mirror the official state-dict keys under ``blocks.i.attn.``):
   proj: {kernel [H, d, C_out], bias [C_out]} = proj.weight.T.reshape(H, d, C_out), proj.bias.
   mask_predictor/proj_c_q: {kernel [d, c] = proj_c_q.weight.T, bias [c]}; proj_c_k likewise.
   mask_predictor/proj_n [N, n_down] and proj_back_n [N, n_down]: copied as they are.
-Initialisation: the projections use the codebase default (xavier-uniform, zero biases); the
-predictor follows timm's ``trunc_normal_(std=.02)``, whose bounds a=-2, b=2 are absolute, i.e.
+Initialisation: the projections use ``kernel_init`` (None: xavier-uniform, the LRA default; the
+vision models pass timm's trunc-normal(0.02)), zero biases; the predictor follows timm's ``trunc_normal_(std=.02)``, whose bounds a=-2, b=2 are absolute, i.e.
 an (effectively untruncated) normal with std 0.02, and zero biases.
 """
 
@@ -110,7 +110,7 @@ _PATHS = ("gather", "masked")
 _SCALES = ("num_heads", "head_dim")
 
 #: timm's trunc_normal_(std=.02) truncates at +-2 absolute, i.e. +-100 standard deviations.
-predictor_init = nn.initializers.truncated_normal(stddev=0.02, lower=-100.0, upper=100.0)
+predictor_init = base.trunc_normal_02
 
 
 def _safe_softmax(logits: jax.Array, allowed: jax.Array) -> jax.Array:
@@ -357,6 +357,8 @@ class SparsifinerAttention(nn.Module):
       ``token_keep_mask`` [B, N] keeping ceil(token_keep_rate * (N - 1)) patches.
     dtype: computation dtype (the predictor and the softmax run in float32);
     param_dtype: parameter dtype.
+    kernel_init: the q/k/v/proj kernel initializer (None: xavier-uniform, LRA's; the vision
+      models pass timm's trunc-normal(0.02)); the predictor keeps its trunc-normal(0.02).
 
   Call: ``x`` [batch, length, features], ``mask`` bool [batch, length] (True = real token),
   ``deterministic`` (False enables attention dropout, rng stream 'dropout') ->
@@ -386,6 +388,7 @@ class SparsifinerAttention(nn.Module):
   token_keep_rate: float = 1.0
   dtype: base.Dtype = jnp.float32
   param_dtype: base.Dtype = jnp.float32
+  kernel_init: base.Initializer | None = None
 
   @classmethod
   def sized_for(cls, length: int, *, grid: tuple[int, int] | None = None,
@@ -468,7 +471,8 @@ class SparsifinerAttention(nn.Module):
     _, head_dim = base.head_dims(features, self.qkv_features, self.num_heads, _NAME)
     k_att, n_down, c, token_budget = self._sizes(length, head_dim)
     proj = lambda name: base.HeadProjection(  # noqa: E731
-        self.num_heads, head_dim, self.use_bias, self.dtype, self.param_dtype, name=name)
+        self.num_heads, head_dim, self.use_bias, self.dtype, self.param_dtype,
+        kernel_init=self.kernel_init, name=name)
     q, k, v = proj("query")(x), proj("key")(x), proj("value")(x)   # [B, N, H, d]
     q = nn.with_logical_constraint(q, ("batch", "length", "heads", "kv"))
 
@@ -512,7 +516,8 @@ class SparsifinerAttention(nn.Module):
       self.sow("intermediates", "token_keep_mask", keep)
 
     return base.OutputProjection(
-        self.out_features or features, True, self.dtype, self.param_dtype, name="proj")(out)
+        self.out_features or features, True, self.dtype, self.param_dtype,
+        kernel_init=self.kernel_init, name="proj")(out)
 
   def _masked(self, q, k, v, valid, selected, selected_valid, scale, drop):
     """Official dense-then-mask attention. Returns (out [B, N, H, d], CLS-row weights or None)."""
