@@ -544,7 +544,8 @@ class ClusTRAttention(nn.Module):
         length, self._scales(length), self.knn_k, self.distance_chunk_size, _NAME)
 
     q = base.HeadProjection(self.num_heads, head_dim, self.use_bias, self.dtype,
-                            self.param_dtype, kernel_init=self.kernel_init, name="q")(x)                 # [B, N, H, d]
+                            self.param_dtype, kernel_init=self.kernel_init,
+                            name="q")(x)                                 # [B, N, H, d]
     q = nn.with_logical_constraint(q, ("batch", "length", "heads", "kv"))
     score = nn.Dense(
         1, dtype=jnp.float32, param_dtype=self.param_dtype,

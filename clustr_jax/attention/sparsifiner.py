@@ -89,8 +89,9 @@ Parameters (names mirror the official state-dict keys under ``blocks.i.attn.``):
   mask_predictor/proj_c_q: {kernel [d, c] = proj_c_q.weight.T, bias [c]}; proj_c_k likewise.
   mask_predictor/proj_n [N, n_down] and proj_back_n [N, n_down]: copied as they are.
 Initialisation: the projections use ``kernel_init`` (None: xavier-uniform, the LRA default; the
-vision models pass timm's trunc-normal(0.02)), zero biases; the predictor follows timm's ``trunc_normal_(std=.02)``, whose bounds a=-2, b=2 are absolute, i.e.
-an (effectively untruncated) normal with std 0.02, and zero biases.
+vision models pass timm's trunc-normal(0.02)), zero biases; the predictor follows timm's
+``trunc_normal_(std=.02)``, whose bounds a=-2, b=2 are absolute, i.e. an (effectively
+untruncated) normal with std 0.02 (``base.trunc_normal_02``), and zero biases.
 """
 
 from __future__ import annotations
