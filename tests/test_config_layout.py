@@ -60,6 +60,10 @@ def _fair_comparisons(spec: str, expected: dict) -> dict:
     (ClusTR, Sparsifiner: ``use_bias=False``, as the dense baseline), fewer token-axis ranks
     (Sparsifiner ``reduce_n_factor``) or clusters (CAST) where the budget asks for it. The
     expected settings are those of the committed parameter table.
+  * The official LRA configs compute padding as LRA (``model.lra_padding=True``: padded queries
+    attend uniformly to every position, MEAN pooling over every position; ListOps's CLS token
+    takes the first token's mask, LRA's quirk, as the other CLS tasks already did); the ``cpu``
+    variants keep the attention contract (``lra_padding=False``).
   """
   if expected["model"].get("attention") == "sparsifiner" and expected.get("distill"):
     expected["schedule"] = "warmup_cosine"
@@ -69,6 +73,10 @@ def _fair_comparisons(spec: str, expected: dict) -> dict:
     key = path + (":" + ",".join(kept) if kept else "")
     expected["model"]["attention_kwargs"] = _budgeted_lra_settings()[
         key, expected["model"]["attention"]]
+    cpu = "cpu" in args.split(",")
+    expected["model"]["lra_padding"] = not cpu
+    if path == "listops.py" and not cpu:
+      expected["model"]["cls_mask_from_first_token"] = True
   return expected
 
 

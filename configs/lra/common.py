@@ -17,6 +17,10 @@ registered mechanism works for every task: whether token 0 is a CLS token follow
 pooling, and the settings fit LRA's parameter budget (below) where the method allows it.
 ``pathfinder_dataset`` is the Pathfinder / Path-X data section.
 
+Padding: the official configs set ``model.lra_padding`` (LRA's computation: padded queries
+attend uniformly to every position, MEAN pooling over every position, ``docs/lra.md``, "Padding
+semantics"); the ``cpu`` variants keep the attention contract (padding ignored).
+
 Parameter budgets (``docs/lra.md``, "Parameter budgets"): LRA compares an efficient model with
 the dense Transformer of the same sizes, within +10 % of its parameters (``PARAMETER_BUDGET``).
 ``dense_parameters`` counts the dense encoder (the baseline has no attention biases);

@@ -42,7 +42,8 @@ def get_config(arg=None):
           name="lra_encoder", emb_dim=128, num_heads=8, qkv_dim=64, mlp_dim=128, num_layers=1,
           dropout_rate=0.3, attention_dropout_rate=0.2, pooling="CLS",
           learned_position_embedding=True, cls_mask_from_first_token=True,
-          zero_is_padding=True, dtype="float32", attention=arg.attention),
+          zero_is_padding=True, lra_padding=not arg.cpu,
+          dtype="float32", attention=arg.attention),
       batch_size=256, num_train_steps=35_000, learning_rate=5e-4,
       schedule="constant*linear_warmup*cosine_decay", warmup_steps=175, weight_decay=0.0,
       eval_every_steps=175, checkpoint_every_steps=1_750)
