@@ -160,8 +160,9 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], teacher_params: A
   Returns:
     (new state, metrics): float32 scalars 'loss' and 'accuracy' (means over the batch),
     'learning_rate' (of this update), 'grad_norm' (global norm of the averaged gradient, before
-    clipping), 'nonfinite' (1.0 if this update's loss or gradient was not finite) and int32
-    'nonfinite_steps' (the run's count).
+    clipping), 'nonfinite' (1.0 if this update's loss or gradient was not finite), int32
+    'nonfinite_steps' (the run's count), and the scalars the model sows into its 'metrics'
+    collection (``sown_metrics``; e.g. CAST's coverage).
   """
   step_rng = jax.random.fold_in(rng, state.step)
 
@@ -171,9 +172,10 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], teacher_params: A
       rngs = {"dropout": dropout_rng, "clustering": clustering_rng}
       if objective is not None:
         return objective(params, micro_batch, rngs, teacher_params)
-      logits = model.apply({"params": params}, *(micro_batch[k] for k in input_keys),
-                           train=True, rngs=rngs)
-      return losses.cross_entropy(logits, micro_batch["targets"]).mean(), (logits, {})
+      logits, sown = model.apply({"params": params}, *(micro_batch[k] for k in input_keys),
+                                 train=True, rngs=rngs, mutable=["metrics"])
+      loss = losses.cross_entropy(logits, micro_batch["targets"]).mean()
+      return loss, (logits, sown_metrics(sown))
     (loss, (logits, extra)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     return (loss, jnp.mean(losses.correct(logits, micro_batch["targets"])), extra), grads
 
@@ -220,6 +222,17 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], teacher_params: A
   }
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                        nonfinite_steps=nonfinite_steps), metrics
+
+
+def sown_metrics(variables: Any) -> dict[str, jax.Array]:
+  """The scalars modules sow into the 'metrics' collection (``self.sow('metrics', name, x)``,
+  e.g. CAST's 'uncovered_fraction' and 'overlap_fraction'), each name averaged over every module
+  and call that sowed it (so over the layers): ``{name: float32 scalar}``; {} when none."""
+  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(variables.get("metrics", {})))
+  values: dict[str, list[jax.Array]] = {}
+  for path, sown in flat.items():
+    values.setdefault(path[-1], []).extend(jnp.asarray(x, jnp.float32) for x in sown)
+  return {name: jnp.mean(jnp.stack(xs)) for name, xs in sorted(values.items())}
 
 
 def eval_step(params: Any, batch: dict[str, jax.Array], *, model: nn.Module,

@@ -88,6 +88,9 @@ over the N_c kappa slots.
 Sown into 'intermediates' (for plots and losses): 'cluster_indices' int32 [B, H, N_c, kappa],
 'cluster_valid' bool [B, H, N_c, kappa] (which slots hold a real member), 'coverage' int32
 [B, H, N] (number of clusters holding each token), 'alpha' float32 [B, H, N_c, N].
+Sown into 'metrics' (float32 scalars, logged by the train loop): 'uncovered_fraction' and
+'overlap_fraction', the fractions of (real token, head) pairs in no cluster and in more than one
+(docs/cast.md, "Coverage").
 """
 
 from __future__ import annotations
@@ -521,6 +524,7 @@ class CASTAttention(nn.Module):
     combination: C6 (and C11), 'weighted' (default) or 'intra_plus_others'.
     shared_surrogates: C7, one [N_c, d] set shared by all heads (default False: [H, N_c, d]).
     surrogate_init_stddev: C10, stddev of the normal initializer of the surrogates (0.02).
+    kernel_init: the projections' kernel initializer (None: xavier-uniform, LRA's).
 
   Call: ``x`` [batch, length, features] float, ``mask`` bool [batch, length] (True = real token)
   or None -> [batch, length, out_features] in ``dtype``. Parameters: 'query', 'key', 'value'
@@ -549,22 +553,39 @@ class CASTAttention(nn.Module):
   combination: str = "weighted"
   shared_surrogates: bool = False
   surrogate_init_stddev: float = 0.02
+  kernel_init: base.Initializer | None = None
 
   @classmethod
   def sized_for(cls, length: int, *, grid: tuple[int, int] | None = None,
-                cls_token: bool | None = None, sr_ratio: int | None = None) -> dict[str, Any]:
+                cls_token: bool | None = None, sr_ratio: int | None = None,
+                budget: Any = None) -> dict[str, Any]:
     """Settings for ``length`` tokens (see ``clustr_jax.attention.sized_for``): N_c ~ sqrt(N)
     clusters (a multiple of 8 for a 1-D sequence, for the accelerators' tiles) of
-    kappa = ceil(N / N_c) slots, so N_c kappa >= N: enough slots for every token. With the
-    default Top-K clustering the clusters may overlap, so this bounds the slots, not coverage.
+    kappa = ceil(N / N_c) slots, so N_c kappa >= N: enough slots for every token. That bounds
+    the slots, not coverage. What each clustering mode guarantees (the module sows the
+    fractions in its 'metrics': ``uncovered_fraction``, ``overlap_fraction``):
+      'top_k' (default)           nothing: each cluster takes its kappa most affine tokens
+                                  independently, so clusters overlap and may leave tokens out;
+      'sa_top_k', 'argmax'        no overlap; a cluster's overflow beyond kappa is dropped, so
+                                  tokens may be left out;
+      'sa_top_k', 'greedy' or     every real token in exactly one cluster when N_c kappa >= N.
+        'sequential'
+
+    With a ``budget`` (``clustr_jax.attention.Budget``): the surrogates, H N_c d = N_c qkv
+    parameters per layer, are CAST's only addition (no biases, as the dense baseline); N_c is
+    lowered (to a multiple of 8 where possible) until they fit ``budget.extra_parameters``.
     """
     del cls_token, sr_ratio
     if grid is None:
       num_clusters = max(1, int(round(length ** 0.5 / 8)) * 8)
-      return {"num_clusters": num_clusters,
-              "cluster_size": min(length, -(-length // num_clusters))}
-    num_clusters = max(1, int(round(length ** 0.5)))
-    return {"num_clusters": num_clusters, "cluster_size": -(-length // num_clusters)}
+    else:
+      num_clusters = max(1, int(round(length ** 0.5)))
+    if budget is not None:
+      fit = budget.extra_parameters // budget.qkv_features
+      if num_clusters > fit:
+        num_clusters = max(1, fit // 8 * 8 if fit >= 8 else fit)
+    return {"num_clusters": num_clusters,
+            "cluster_size": min(length, -(-length // num_clusters))}
 
   def _check_settings(self, length: int) -> None:
     for option, valid in CHOICES.items():
@@ -590,7 +611,8 @@ class CASTAttention(nn.Module):
     heads, num_clusters, kappa = self.num_heads, self.num_clusters, self.cluster_size
 
     proj = lambda name: base.HeadProjection(  # noqa: E731
-        heads, head_dim, self.use_bias, self.dtype, self.param_dtype, name=name)
+        heads, head_dim, self.use_bias, self.dtype, self.param_dtype,
+        kernel_init=self.kernel_init, name=name)
     q, k, v = proj("query")(x), proj("key")(x), proj("value")(x)            # [B, N, H, d]
     q = nn.with_logical_constraint(q, ("batch", "length", "heads", "kv"))
 
@@ -611,6 +633,13 @@ class CASTAttention(nn.Module):
                  lambda w: base.attention_dropout(w, self.dropout_rate, deterministic)))
     for name, value in aux.items():
       self.sow("intermediates", name, value)
+    if not self.is_initializing():  # Not part of the initial variables.
+      # Coverage as a metric: the fraction of (real token, head) pairs in no / several clusters.
+      real = mask[:, None, :]                                              # [B, 1, N]
+      pairs = jnp.maximum(jnp.sum(real) * heads, 1).astype(jnp.float32)
+      self.sow("metrics", "uncovered_fraction",
+               jnp.sum((aux["coverage"] == 0) & real) / pairs)
+      self.sow("metrics", "overlap_fraction", jnp.sum((aux["coverage"] > 1) & real) / pairs)
     return base.OutputProjection(
         self.out_features or features, self.use_bias, self.dtype, self.param_dtype,
-        name="out")(out.astype(self.dtype))
+        kernel_init=self.kernel_init, name="out")(out.astype(self.dtype))

@@ -281,6 +281,7 @@ class DenseAttention(nn.Module):
       chosen at lowering time), or forced: 'xla', 'xla_chunked', 'cudnn' (CUDA only), 'splash'
       (the Pallas interpreter off TPU); used whenever attention dropout is inactive.
     dtype: computation dtype; param_dtype: parameter dtype.
+    kernel_init: the projections' kernel initializer (None: xavier-uniform, LRA's).
 
   Call: ``x`` [batch, length, features], ``mask`` bool [batch, length] (True = real token) ->
   [batch, length, out_features]. Raises ValueError for a mask of the wrong shape, heads that do
@@ -295,13 +296,15 @@ class DenseAttention(nn.Module):
   implementation: str = "auto"
   dtype: base.Dtype = jnp.float32
   param_dtype: base.Dtype = jnp.float32
+  kernel_init: base.Initializer | None = None
 
   @classmethod
   def sized_for(cls, length: int, *, grid: tuple[int, int] | None = None,
-                cls_token: bool | None = None, sr_ratio: int | None = None) -> dict[str, Any]:
+                cls_token: bool | None = None, sr_ratio: int | None = None,
+                budget: Any = None) -> dict[str, Any]:
     """Settings for a sequence of ``length`` tokens (see ``clustr_jax.attention.sized_for``):
-    none, full attention has nothing to size."""
-    del length, grid, cls_token, sr_ratio
+    none, full attention has nothing to size (it is the budget's reference)."""
+    del length, grid, cls_token, sr_ratio, budget
     return {}
 
   @nn.compact
@@ -314,7 +317,8 @@ class DenseAttention(nn.Module):
     features = x.shape[-1]
     _, head_dim = base.head_dims(features, self.qkv_features, self.num_heads, "DenseAttention")
     proj = lambda name: base.HeadProjection(  # noqa: E731
-        self.num_heads, head_dim, self.use_bias, self.dtype, self.param_dtype, name=name)
+        self.num_heads, head_dim, self.use_bias, self.dtype, self.param_dtype,
+        kernel_init=self.kernel_init, name=name)
     q, k, v = proj("query")(x), proj("key")(x), proj("value")(x)
     q = nn.with_logical_constraint(q, ("batch", "length", "heads", "kv"))
     if deterministic or self.dropout_rate == 0.0:
@@ -328,4 +332,4 @@ class DenseAttention(nn.Module):
     return base.OutputProjection(
         self.out_features or features,
         self.use_bias if self.out_bias is None else self.out_bias, self.dtype,
-        self.param_dtype, name="out")(out)
+        self.param_dtype, kernel_init=self.kernel_init, name="out")(out)

@@ -95,9 +95,10 @@ Parameters (names mirror the official state-dict keys under ``blocks.i.attn.``):
   proj: {kernel [H, d, C_out], bias [C_out]} = proj.weight.T.reshape(H, d, C_out), proj.bias.
   mask_predictor/proj_c_q: {kernel [d, c] = proj_c_q.weight.T, bias [c]}; proj_c_k likewise.
   mask_predictor/proj_n [N, n_down] and proj_back_n [N, n_down]: copied as they are.
-Initialisation: the projections use the codebase default (xavier-uniform, zero biases); the
-predictor follows timm's ``trunc_normal_(std=.02)``, whose bounds a=-2, b=2 are absolute, i.e.
-an (effectively untruncated) normal with std 0.02, and zero biases.
+Initialisation: the projections use ``kernel_init`` (None: xavier-uniform, the LRA default; the
+vision models pass timm's trunc-normal(0.02)), zero biases; the predictor follows timm's
+``trunc_normal_(std=.02)``, whose bounds a=-2, b=2 are absolute, i.e. an (effectively
+untruncated) normal with std 0.02 (``base.trunc_normal_02``), and zero biases.
 """
 
 from __future__ import annotations
@@ -117,7 +118,7 @@ _PATHS = ("gather", "masked", "block")
 _SCALES = ("num_heads", "head_dim")
 
 #: timm's trunc_normal_(std=.02) truncates at +-2 absolute, i.e. +-100 standard deviations.
-predictor_init = nn.initializers.truncated_normal(stddev=0.02, lower=-100.0, upper=100.0)
+predictor_init = base.trunc_normal_02
 
 
 def _safe_softmax(logits: jax.Array, allowed: jax.Array) -> jax.Array:
@@ -422,6 +423,8 @@ class SparsifinerAttention(nn.Module):
       ``token_keep_mask`` [B, N] keeping ceil(token_keep_rate * (N - 1)) patches.
     dtype: computation dtype (the predictor and the softmax run in float32);
     param_dtype: parameter dtype.
+    kernel_init: the q/k/v/proj kernel initializer (None: xavier-uniform, LRA's; the vision
+      models pass timm's trunc-normal(0.02)); the predictor keeps its trunc-normal(0.02).
 
   Call: ``x`` [batch, length, features], ``mask`` bool [batch, length] (True = real token),
   ``deterministic`` (False enables attention dropout, rng stream 'dropout') ->
@@ -452,16 +455,25 @@ class SparsifinerAttention(nn.Module):
   token_keep_rate: float = 1.0
   dtype: base.Dtype = jnp.float32
   param_dtype: base.Dtype = jnp.float32
+  kernel_init: base.Initializer | None = None
 
   @classmethod
   def sized_for(cls, length: int, *, grid: tuple[int, int] | None = None,
-                cls_token: bool | None = None, sr_ratio: int | None = None) -> dict[str, Any]:
+                cls_token: bool | None = None, sr_ratio: int | None = None,
+                budget: Any = None) -> dict[str, Any]:
     """Settings for ``length`` tokens (see ``clustr_jax.attention.sized_for``), keep rate 0.25.
 
     An image grid: the released configuration, n_down = N // 6 and c = d // 2 (for short
     sequences, N < 48, a smaller factor keeps n_down >= basis_topk = 8), the CLS row as stated
     by ``cls_token``. A 1-D sequence (LRA): n_down = N // (N // 32) ~ 32, so the predictor's
     [N, n_down] projections stay small at long N.
+
+    With a ``budget`` (``clustr_jax.attention.Budget``, LRA's comparison): no q/k/v biases (the
+    dense baseline has none; the output projection keeps the official bias), and n_down lowered
+    until the added parameters, per layer 2 (d c + c) + 2 N n_down + C, fit
+    ``budget.extra_parameters``, but not below basis_topk = 8, the method's smallest n_down.
+    At that floor the per-layer token-axis projections may still exceed the budget (the
+    32-wide Pathfinder model): ``configs/lra/common.py`` then states the overhead.
     """
     del sr_ratio
     if grid is None:
@@ -471,6 +483,18 @@ class SparsifinerAttention(nn.Module):
       settings = {"keep_rate": 0.25, "reduce_n_factor": factor, "reduce_c_factor": 2}
     if cls_token is not None:
       settings["has_cls_token"] = cls_token
+    if budget is not None:
+      settings["use_bias"] = False
+      head_dim = budget.qkv_features // budget.num_heads
+      c = max(1, head_dim // settings.get("reduce_c_factor", cls.reduce_c_factor))
+      fixed = 2 * (head_dim * c + c) + budget.features
+      n_fit = (budget.extra_parameters - fixed) // (2 * length)
+      factor, floor = settings["reduce_n_factor"], cls.basis_topk
+      while length // factor > max(n_fit, floor):
+        factor += 1
+      if length // factor < min(floor, length):
+        factor = max(1, length // floor)
+      settings["reduce_n_factor"] = factor
     return settings
 
   def _sizes(self, length: int, head_dim: int) -> tuple[int, int, int, int]:
@@ -516,7 +540,8 @@ class SparsifinerAttention(nn.Module):
     _, head_dim = base.head_dims(features, self.qkv_features, self.num_heads, _NAME)
     k_att, n_down, c, token_budget = self._sizes(length, head_dim)
     proj = lambda name: base.HeadProjection(  # noqa: E731
-        self.num_heads, head_dim, self.use_bias, self.dtype, self.param_dtype, name=name)
+        self.num_heads, head_dim, self.use_bias, self.dtype, self.param_dtype,
+        kernel_init=self.kernel_init, name=name)
     q, k, v = proj("query")(x), proj("key")(x), proj("value")(x)   # [B, N, H, d]
     q = nn.with_logical_constraint(q, ("batch", "length", "heads", "kv"))
 
@@ -563,7 +588,8 @@ class SparsifinerAttention(nn.Module):
       self.sow("intermediates", "token_keep_mask", keep)
 
     return base.OutputProjection(
-        self.out_features or features, True, self.dtype, self.param_dtype, name="proj")(out)
+        self.out_features or features, True, self.dtype, self.param_dtype,
+        kernel_init=self.kernel_init, name="proj")(out)
 
   def _masked(self, q, k, v, valid, selected, selected_valid, scale, drop):
     """Official dense-then-mask attention. Returns (out [B, N, H, d], CLS-row weights or None)."""
