@@ -17,7 +17,10 @@ Surviving failures:
   * Orbax writes each checkpoint into a temporary directory and renames it when complete, so a
     run killed while saving leaves no partial ``<s>/`` (the temporary one is removed at start).
   * A latest checkpoint that does not restore (corrupt or truncated files) is moved aside to
-    ``<s>.corrupt`` (never deleted) with a warning, and the previous one is restored.
+    ``<s>.corrupt`` (never deleted) with one warning, and the previous one is restored. Orbax
+    abandons the other reads of that checkpoint still in flight; their late reports (TensorStore
+    posting to Orbax's closed event loop, asyncio's "Task exception was never retrieved") would
+    print tracebacks that read as a crash, so ``_quiet_abandoned_restores`` drops exactly those.
   * Old checkpoints are deleted only after a newer one is complete (Orbax's ``max_to_keep``), so
     the last good checkpoint always survives; the train loop never saves after a non-finite step.
   * Preemption: SIGTERM (single process) or the JAX preemption sync point (multi-host, set up by
@@ -26,8 +29,11 @@ Surviving failures:
 
 from __future__ import annotations
 
+import logging as py_logging
 import pathlib
+import re
 import signal
+import sys
 import threading
 from typing import Any
 
@@ -36,6 +42,71 @@ import jax
 import orbax.checkpoint as ocp
 from absl import logging
 from jax.experimental import multihost_utils
+
+# asyncio's reports of futures and tasks that nobody awaits any more.
+_ABANDONED = re.compile(r"^(Task exception was never retrieved|Future exception was never "
+                        r"retrieved|Task was destroyed but it is pending!)")
+_ORBAX_CODE = re.compile(r"orbax[/\\]checkpoint")  # A task's repr names its coroutine's file.
+_restored_directories: set[str] = set()  # Checkpoint roots that restore() has read in this process.
+_quiet_installed = False
+
+
+def _is_closed_loop_callback(unraisable: Any) -> bool:
+  """Whether an unraisable exception is a C extension (TensorStore) posting a finished read to a
+  closed asyncio loop: ``RuntimeError('Event loop is closed')`` raised in ``call_soon_threadsafe``
+  with no Python caller, i.e. the result of a future that its awaiting loop gave up on."""
+  error = unraisable.exc_value
+  tb = unraisable.exc_traceback
+  return (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
+          and tb is not None and tb.tb_frame.f_code.co_name == "call_soon_threadsafe")
+
+
+class _AbandonedTaskFilter(py_logging.Filter):
+  """Drops asyncio's "Task/Future exception was never retrieved" and "Task was destroyed but it
+  is pending!" records about Orbax's tasks or reads of a checkpoint that ``restore`` tried (the
+  first error of a failed restore is raised by Orbax and reported in one warning)."""
+
+  def filter(self, record: py_logging.LogRecord) -> bool:
+    message = record.getMessage()
+    return not (_ABANDONED.match(message) and (
+        _ORBAX_CODE.search(message) or any(d in message for d in _restored_directories)))
+
+
+def _quiet_abandoned_restores() -> None:
+  """Silences the late reports of reads that a failed Orbax restore leaves in flight (once per
+  process, before the first restore, since they can arrive before the restore's exception).
+
+  When one array of a checkpoint fails to read, Orbax's restore raises and closes its event loop
+  while TensorStore still reads the other arrays. Each read that finishes later tries
+  ``loop.call_soon_threadsafe`` on the closed loop and TensorStore prints the ``RuntimeError:
+  Event loop is closed`` as an unraisable exception (a traceback, from its threads, at any time);
+  the tasks and futures that failed too are logged by asyncio with their tracebacks when garbage
+  collected.
+  Both concern the checkpoint already reported (one warning) and moved aside. Anything else goes
+  to the previous ``sys.unraisablehook`` and through the ``asyncio`` logger as before.
+  """
+  global _quiet_installed
+  if _quiet_installed:
+    return
+  _quiet_installed = True
+  previous_hook = sys.unraisablehook
+
+  def hook(unraisable):
+    if not _is_closed_loop_callback(unraisable):
+      previous_hook(unraisable)
+
+  sys.unraisablehook = hook
+  py_logging.getLogger("asyncio").addFilter(_AbandonedTaskFilter())
+
+
+def _describe(error: Exception) -> str:
+  """``Type: message`` of a restore error, without TensorStore's JSON specs (which name the same
+  file again), on one line, at most 600 characters."""
+  text = re.split(r"\s*\[tensorstore_spec", str(error), maxsplit=1)[0]
+  text = " ".join(text.split())
+  if len(text) > 600:
+    text = text[:600] + "..."
+  return f"{type(error).__name__}: {text}"
 
 
 class Checkpointer:
@@ -112,6 +183,9 @@ class Checkpointer:
       RuntimeError: checkpoints exist but none restores (they are all moved aside, not deleted).
     """
     steps = self.all_steps()
+    if steps:
+      _restored_directories.add(str(self.directory))
+      _quiet_abandoned_restores()
     for step in reversed(steps):
       logging.info("Restoring checkpoint of step %d from %s", step, self.directory)
       try:
@@ -120,9 +194,9 @@ class Checkpointer:
             data=grain.checkpoint.CheckpointRestore(data_iterator)))
       except Exception as error:  # pylint: disable=broad-except
         # Orbax, TensorStore and JSON raise many types for damaged files; all mean "unreadable".
-        logging.warning("Checkpoint of step %d in %s does not restore (%s: %s); moving it to "
+        logging.warning("Checkpoint of step %d in %s does not restore (%s); moving it to "
                         "%d.corrupt and falling back to the previous checkpoint", step,
-                        self.directory, type(error).__name__, str(error)[:500], step)
+                        self.directory, _describe(error), step)
         self._move_aside(step)
         continue
       return restored["state"], step

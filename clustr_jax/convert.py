@@ -47,7 +47,8 @@ CLI (torch only for .pth: ``pip install -e '.[convert]'``):
   python -m clustr_jax.convert --arch=deit --input=deit_small_patch16_224-cd65a155.pth \\
       --output=/ckpt/deit_s
   python -m clustr_jax.convert --arch=sparsifiner --input=sd.safetensors --output=/ckpt/spar \\
-      --kwargs='{"attn_keep_rate_list": [0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1]}'
+      --kwargs='{"attn_keep_rate_list": [0.1, 0.1, 0.1, 0.1, 0.1, 0.1,
+                                        0.1, 0.1, 0.1, 0.1, 0.1, 0.1]}'
 
 reads ``.pth`` / ``.pt`` (``torch.load(..., weights_only=True)``; a checkpoint dict's 'model',
 'state_dict' or 'model_ema' entry is used), ``.npz`` or ``.safetensors``, and writes an Orbax
@@ -153,7 +154,8 @@ def _split_heads(key, dim, heads, paths, bias):
             for i, p in enumerate(paths)]
 
   def bias_fn(b):
-    return [(p + ("bias",), b[i * dim:(i + 1) * dim].reshape(heads, d)) for i, p in enumerate(paths)]
+    return [(p + ("bias",), b[i * dim:(i + 1) * dim].reshape(heads, d))
+            for i, p in enumerate(paths)]
   entries = [_Entry(f"{key}.weight", (n * dim, dim), weight)]
   if bias:
     entries.append(_Entry(f"{key}.bias", (n * dim,), bias_fn))

@@ -29,11 +29,11 @@ frozen group); parameters belong to the predictor when their path contains
 0.9999 in the released config) is an optax transformation whose state holds the averaged
 parameters, so it is checkpointed with the optimizer state; ``ema_params`` reads it back.
 
-Config (``config.distill``, defaults in ``configs/default.py``): stage, trainable, predictor_pattern, init_checkpoint (the student's
-initial parameters: an Orbax checkpoint of the train loop or of ``clustr_jax.convert``; missing
-predictor parameters keep their initialisation), init_rename (key substitutions, see
-``merge_params``), teacher (None, or a ConfigDict with the model
-``name``, its options and ``checkpoint``), recon_weight, ce_weight, kl_weight, token_weight,
+Config (``config.distill``, defaults in ``configs/default.py``): stage, trainable,
+predictor_pattern, init_checkpoint (the student's initial parameters: an Orbax checkpoint of the
+train loop or of ``clustr_jax.convert``; missing predictor parameters keep their initialisation),
+init_rename (key substitutions, see ``merge_params``), teacher (None, or a ConfigDict with the
+model ``name``, its options and ``checkpoint``), recon_weight, ce_weight, kl_weight, token_weight,
 temperature, token_module, num_prefix_tokens. ``config.ema_decay`` (None: off) switches EMA on
 for any run.
 """
@@ -55,8 +55,7 @@ import optax
 import orbax.checkpoint as ocp
 from absl import logging
 
-from clustr_jax import losses
-from clustr_jax import models
+from clustr_jax import losses, models
 
 STAGES = ("recon", "distill")
 TRAINABLE = ("all", "predictor", "backbone")

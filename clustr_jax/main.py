@@ -24,13 +24,10 @@ import pathlib
 import sys
 
 import jax
-from absl import app
-from absl import flags
-from absl import logging
+from absl import app, flags, logging
 from ml_collections import config_flags
 
-from clustr_jax import distributed
-from clustr_jax import train
+from clustr_jax import distributed, train
 from configs import common
 
 _DEFAULT_CONFIG = str(common.CONFIGS_DIR / "lra" / "listops.py") + ":cpu"

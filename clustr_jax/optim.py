@@ -8,9 +8,23 @@ product of named factors, written as a string such as ``"constant*linear_warmup*
   rsqrt_decay    1 / sqrt(max(step, warmup_steps))
   cosine_decay   max(0, 0.5 * (1 + cos(pi * ((step - warmup_steps) / steps_per_cycle mod 1))))
 
-``step`` is the number of updates already applied (0 for the first), as in LRA's loop. The
+``steps_per_cycle`` defaults to ``num_train_steps``, the total step count, as LRA's image and
+Pathfinder loops pass it (``num_train_steps = steps_per_epoch * num_epochs``; ``docs/lra.md``,
+"Schedules"), so a run shorter than its warm-up still has a defined schedule. ``step`` is the
+number of updates already applied (0 for the first), as in LRA's loop. The
 optimizer is LRA's Adam (b1 0.9, b2 0.98, eps 1e-9) with decoupled weight decay applied to every
 parameter, i.e. ``optax.adamw`` without a mask (param <- param - lr * wd * param).
+
+Two cosine schedules of the vision recipes (``docs/vision.md``, ``docs/sparsifiner.md``) and
+the segmentation recipe's poly decay (``docs/segmentation.md``):
+
+  timm_cosine    timm's ``CosineLRScheduler``: the warm-up counts towards the cosine (DeiT, ClusTR).
+  warmup_cosine  Sparsifiner's ``utils.cosine_scheduler``: a linear warm-up, then the cosine over
+                 the remaining ``num_train_steps - warmup_steps`` steps.
+  poly           mmcv's ``PolyLrUpdaterHook`` (Semantic FPN / PVT on ADE20K).
+
+Every schedule is defined for every step >= 0 (past the end it holds its last value), and its
+errors name the config keys that cause them.
 
 Gradient clipping (``optax.clip_by_global_norm``) comes first in the chain; with
 ``grad_accum_steps`` k > 1 the whole chain is wrapped in ``optax.MultiSteps(every_k_schedule=k)``,
@@ -26,6 +40,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
+
 FACTORS = ("constant", "linear_warmup", "rsqrt_decay", "cosine_decay")
 
 
@@ -34,17 +49,21 @@ def create_learning_rate_schedule(factors: str, base_learning_rate: float, warmu
   """Returns ``step -> learning rate`` for a product of named factors (see module docstring).
 
   Raises:
-    ValueError: an unknown factor (the message lists the valid ones), or a non-positive
-      warmup_steps / steps_per_cycle where a factor needs it.
+    ValueError: an unknown factor in ``config.schedule`` (the message lists the valid ones), or
+      a non-positive ``config.warmup_steps`` / ``config.steps_per_cycle`` (None:
+      ``config.num_train_steps``) where a factor needs it.
   """
   names = [f.strip() for f in factors.split("*") if f.strip()]
   unknown = [f for f in names if f not in FACTORS]
   if unknown:
-    raise ValueError(f"schedule factors {unknown} unknown; valid: {', '.join(FACTORS)}")
+    raise ValueError(f"config.schedule={factors!r}: factors {unknown} unknown; valid: "
+                     f"{', '.join(FACTORS)}, or one of 'timm_cosine', 'warmup_cosine', 'poly'")
   if any(f in names for f in ("linear_warmup", "rsqrt_decay")) and warmup_steps <= 0:
-    raise ValueError(f"warmup_steps must be > 0 for linear_warmup/rsqrt_decay; got {warmup_steps}")
+    raise ValueError(f"config.warmup_steps must be > 0 for linear_warmup/rsqrt_decay in "
+                     f"config.schedule={factors!r}; got {warmup_steps}")
   if "cosine_decay" in names and steps_per_cycle <= 0:
-    raise ValueError(f"steps_per_cycle must be > 0 for cosine_decay; got {steps_per_cycle}")
+    raise ValueError(f"cosine_decay's cycle, config.steps_per_cycle (None: "
+                     f"config.num_train_steps), must be > 0; got {steps_per_cycle}")
 
   def schedule(step):
     step = jnp.asarray(step, jnp.float32)
@@ -68,18 +87,20 @@ def create_optimizer(config: ml_collections.ConfigDict, wrap=None
                      ) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """Builds (optimizer, schedule) from the run config.
 
-  Reads ``learning_rate``, ``schedule`` (factor string), ``warmup_steps``, ``num_train_steps``
-  (the cosine cycle), ``optimizer`` ('adamw' or 'sgd'), ``adam_b1``, ``adam_b2``, ``adam_eps``,
+  Reads ``learning_rate``, ``schedule`` (factor string, 'timm_cosine', 'warmup_cosine' or
+  'poly'), ``warmup_steps``, ``steps_per_cycle`` (None: ``num_train_steps``, the cosine cycle),
+  ``num_train_steps``, ``optimizer`` ('adamw' or 'sgd'), ``adam_b1``, ``adam_b2``, ``adam_eps``,
   ``weight_decay``, ``grad_clip_norm`` (None or <= 0: no clipping) and ``grad_accum_steps``
   (> 1: ``optax.MultiSteps``), each documented in ``configs/default.py``.
 
   Raises:
-    ValueError: unknown optimizer name or schedule factor, or ``grad_accum_steps`` < 1.
+    ValueError: unknown optimizer name or schedule factor, a schedule length that is not
+      positive (the message names the config keys), or ``grad_accum_steps`` < 1.
 
-  Vision recipes (timm, below) add: ``schedule='timm_cosine'`` with ``warmup_init_lr``,
-  ``min_lr`` and ``cooldown_steps``; ``weight_decay_skip`` (None: decay every parameter).
-  Segmentation recipes: ``schedule='poly'`` with ``poly_power``, ``min_lr`` and
-  ``warmup_steps`` (``poly_schedule``).
+  Vision recipes (below) add: ``schedule='timm_cosine'`` with ``warmup_init_lr``, ``min_lr`` and
+  ``cooldown_steps``, or ``'warmup_cosine'`` with ``warmup_init_lr`` and ``min_lr``;
+  ``weight_decay_skip`` (None: decay every parameter). Segmentation recipes:
+  ``schedule='poly'`` with ``poly_power``, ``min_lr`` and ``warmup_steps`` (``poly_schedule``).
   ``wrap`` (e.g. freezing and EMA from ``clustr_jax.distill``) wraps the clipped optimizer,
   inside gradient accumulation.
   """
@@ -92,10 +113,15 @@ def create_optimizer(config: ml_collections.ConfigDict, wrap=None
         config.learning_rate, config.warmup_steps,
         config.num_train_steps - config.cooldown_steps,
         warmup_init_lr=config.warmup_init_lr, min_lr=config.min_lr)
+  elif config.schedule == "warmup_cosine":
+    schedule = warmup_cosine_schedule(
+        config.learning_rate, config.warmup_steps, config.num_train_steps,
+        warmup_init_lr=config.warmup_init_lr, min_lr=config.min_lr)
   else:
+    cycle = config.steps_per_cycle
     schedule = create_learning_rate_schedule(
         config.schedule, config.learning_rate, config.warmup_steps,
-        config.steps_per_cycle or config.num_train_steps - config.warmup_steps)
+        config.num_train_steps if cycle is None else cycle)
   if config.optimizer == "adamw":
     skip = config.weight_decay_skip
     tx = optax.adamw(schedule, b1=config.adam_b1, b2=config.adam_b2, eps=config.adam_eps,
@@ -130,11 +156,12 @@ def timm_cosine_schedule(base_learning_rate: float, warmup_steps: int, cosine_st
   cosine, as in timm), and ``min_lr`` after ``cosine_steps`` (DeiT's cooldown epochs).
 
   Raises:
-    ValueError: ``cosine_steps`` < 1 or ``warmup_steps`` < 0.
+    ValueError: ``cosine_steps`` (config.num_train_steps - config.cooldown_steps) < 1 or
+      ``warmup_steps`` (config.warmup_steps) < 0.
   """
   if cosine_steps < 1 or warmup_steps < 0:
-    raise ValueError(f"timm_cosine: num_train_steps - cooldown_steps = {cosine_steps} must be "
-                     f">= 1 and warmup_steps = {warmup_steps} >= 0")
+    raise ValueError(f"timm_cosine: config.num_train_steps - config.cooldown_steps = "
+                     f"{cosine_steps} must be >= 1 and config.warmup_steps = {warmup_steps} >= 0")
 
   def schedule(step):
     t = jnp.asarray(step, jnp.float32)
@@ -146,6 +173,39 @@ def timm_cosine_schedule(base_learning_rate: float, warmup_steps: int, cosine_st
     return jnp.where(t < warmup_steps, warmup, cosine)
 
   return schedule
+
+
+def warmup_cosine_schedule(base_learning_rate: float, warmup_steps: int, total_steps: int, *,
+                           warmup_init_lr: float = 0.0, min_lr: float = 0.0) -> optax.Schedule:
+  """Sparsifiner's ``utils.cosine_scheduler`` (``src/utils.py``, lim142857/Sparsifiner; per
+  iteration, as its ``main.py`` sets it): a warm-up ``linspace(warmup_init_lr, lr,
+  warmup_steps)`` (both ends included), then over the remaining n = total_steps - warmup_steps
+  steps ``min_lr + (lr - min_lr) (1 + cos(pi i / n)) / 2`` for i = step - warmup_steps.
+
+  The official array has exactly ``total_steps`` entries; here the schedule is defined for every
+  step: after ``total_steps`` it holds the cosine's end (min_lr as i -> n), and with
+  ``total_steps`` <= ``warmup_steps`` (a run shorter than its warm-up) the run stays in the
+  warm-up. Returns ``step -> learning rate`` (float32).
+
+  Raises:
+    ValueError: ``warmup_steps`` (config.warmup_steps) < 0 or ``total_steps``
+      (config.num_train_steps) < 1.
+  """
+  if warmup_steps < 0 or total_steps < 1:
+    raise ValueError(f"warmup_cosine: config.warmup_steps = {warmup_steps} must be >= 0 and "
+                     f"config.num_train_steps = {total_steps} >= 1")
+  cosine_steps = max(1, total_steps - warmup_steps)
+
+  def schedule(step):
+    t = jnp.asarray(step, jnp.float32)
+    i = jnp.clip(t - warmup_steps, 0.0, cosine_steps)
+    cosine = min_lr + 0.5 * (base_learning_rate - min_lr) * (
+        1.0 + jnp.cos(jnp.pi * i / cosine_steps))
+    if warmup_steps == 0:
+      return cosine
+    slope = (base_learning_rate - warmup_init_lr) / max(1, warmup_steps - 1)
+    warmup = warmup_init_lr + t * slope
+    return jnp.where(t < warmup_steps, warmup, cosine)
 
 
 def poly_schedule(base_learning_rate: float, num_steps: int, *, power: float = 0.9,

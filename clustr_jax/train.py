@@ -43,15 +43,9 @@ from absl import logging
 from tqdm import tqdm
 
 from clustr_jax import attention as attention_lib
-from clustr_jax import checkpointing
+from clustr_jax import checkpointing, distill, losses, models, optim, profiling, sharding
 from clustr_jax import data as data_lib
-from clustr_jax import distill
-from clustr_jax import losses
 from clustr_jax import metrics as metrics_lib
-from clustr_jax import models
-from clustr_jax import optim
-from clustr_jax import profiling
-from clustr_jax import sharding
 
 #: ``config.on_nonfinite`` values.
 NONFINITE_POLICIES = ("stop", "skip")
@@ -174,8 +168,9 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], teacher_params: A
   Returns:
     (new state, metrics): float32 scalars 'loss' and 'accuracy' (means over the batch),
     'learning_rate' (of this update), 'grad_norm' (global norm of the averaged gradient, before
-    clipping), 'nonfinite' (1.0 if this update's loss or gradient was not finite) and int32
-    'nonfinite_steps' (the run's count).
+    clipping), 'nonfinite' (1.0 if this update's loss or gradient was not finite), int32
+    'nonfinite_steps' (the run's count), and the scalars the model sows into its 'metrics'
+    collection (``sown_metrics``; e.g. CAST's coverage).
   """
   step_rng = jax.random.fold_in(rng, state.step)
 
@@ -185,9 +180,10 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], teacher_params: A
       rngs = {"dropout": dropout_rng, "clustering": clustering_rng}
       if objective is not None:
         return objective(params, micro_batch, rngs, teacher_params)
-      logits = model.apply({"params": params}, *(micro_batch[k] for k in input_keys),
-                           train=True, rngs=rngs)
-      return losses.task_loss(task, logits, micro_batch["targets"]), (logits, {})
+      logits, sown = model.apply({"params": params}, *(micro_batch[k] for k in input_keys),
+                                 train=True, rngs=rngs, mutable=["metrics"])
+      loss = losses.task_loss(task, logits, micro_batch["targets"])
+      return loss, (logits, sown_metrics(sown))
     (loss, (logits, extra)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     return (loss, losses.task_accuracy(task, logits, micro_batch["targets"]), extra), grads
 
@@ -234,6 +230,17 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], teacher_params: A
   }
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                        nonfinite_steps=nonfinite_steps), metrics
+
+
+def sown_metrics(variables: Any) -> dict[str, jax.Array]:
+  """The scalars modules sow into the 'metrics' collection (``self.sow('metrics', name, x)``,
+  e.g. CAST's 'uncovered_fraction' and 'overlap_fraction'), each name averaged over every module
+  and call that sowed it (so over the layers): ``{name: float32 scalar}``; {} when none."""
+  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(variables.get("metrics", {})))
+  values: dict[str, list[jax.Array]] = {}
+  for path, sown in flat.items():
+    values.setdefault(path[-1], []).extend(jnp.asarray(x, jnp.float32) for x in sown)
+  return {name: jnp.mean(jnp.stack(xs)) for name, xs in sorted(values.items())}
 
 
 def eval_step(params: Any, batch: dict[str, jax.Array], *, model: nn.Module,

@@ -52,7 +52,8 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
       else:
         result[name] = type(default)(value)
     except ValueError:
-      raise ValueError(f"config arg {name}={value!r}: expected a {type(default).__name__}") from None
+      raise ValueError(
+          f"config arg {name}={value!r}: expected a {type(default).__name__}") from None
   return result
 
 

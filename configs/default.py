@@ -28,16 +28,19 @@ Optimizer and schedule (``clustr_jax/optim.py``):
   optimizer                          'adamw' (decoupled weight decay) or 'sgd'.
   learning_rate                      base (peak) learning rate.
   schedule                           a product of LRA's factors, e.g.
-                                     'constant*linear_warmup*rsqrt_decay', 'timm_cosine', or
+                                     'constant*linear_warmup*rsqrt_decay'; 'timm_cosine' (timm,
+                                     the warm-up inside the cosine); 'warmup_cosine'
+                                     (Sparsifiner: warm-up, then the cosine over the rest); or
                                      'poly' (mmsegmentation's poly decay with ``poly_power``
                                      down to ``min_lr``, after an optional linear warm-up).
   poly_power                         the poly schedule's power (0.9).
-  warmup_steps                       linear warm-up steps.
-  steps_per_cycle                    cosine_decay's cycle in steps (None: num_train_steps -
-                                     warmup_steps).
+  warmup_steps                       linear warm-up steps (may exceed num_train_steps).
+  steps_per_cycle                    cosine_decay's cycle in steps (None: num_train_steps, LRA's
+                                     total step count).
   cooldown_steps                     timm_cosine: steps at min_lr after the cosine (DeiT's
                                      cooldown epochs).
-  warmup_init_lr, min_lr             timm_cosine: the warm-up's first and the cosine's last value.
+  warmup_init_lr, min_lr             timm_cosine / warmup_cosine: the warm-up's first and the
+                                     cosine's last value.
   adam_b1, adam_b2, adam_eps         Adam's moments and epsilon.
   momentum                           sgd's momentum (None: plain SGD).
   weight_decay                       decoupled weight decay.

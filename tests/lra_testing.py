@@ -3,8 +3,8 @@
 import json
 import pathlib
 
-from configs import common as config_common
 from clustr_jax import train
+from configs import common as config_common
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 DATA = REPO / "tests" / "data"

@@ -50,7 +50,8 @@ def test_target_lines_ratios_and_derived_dense_layer():
           row("cast_topk.layer", "fwd+bwd", 8192, 250.0),
           row("cast_topk.proper", "fwd+bwd", 4096, 1.0, memory_mib=100.0),
           row("cast_topk.proper", "fwd+bwd", 16384, 1.0, memory_mib=500.0),
-          row("dense.layer", "fwd", 1024, 300.0), row("sparsifiner_gather.layer", "fwd", 1024, 100.0)]
+          row("dense.layer", "fwd", 1024, 300.0),
+          row("sparsifiner_gather.layer", "fwd", 1024, 100.0)]
   lines = bench.target_lines(rows, {"matmul_gflop_per_s": 100.0})
   text = "\n".join(lines)
   assert "(proper) fwd+bwd at N=8192: 120.0x faster than dense (target >= 60x): **met**" in text
@@ -59,6 +60,21 @@ def test_target_lines_ratios_and_derived_dense_layer():
   assert "0.60 of this run's dense-matmul 100.0 GFLOP/s (target >= 0.5): **met**" in text
   assert "memory 4096 -> 16384 tokens: 5.00x (target <= 4.5x): **missed**" in text
   assert "fwd at N=1024: 3.00x dense's speed (target >= 2x): **met**" in text
+
+
+def test_block_target_lines_read_the_best_dense_layer():
+  rows = [row("dense.layer", "fwd+bwd", 1024, 300.0), row("dense_xla.layer", "fwd+bwd", 1024, 90.0),
+          row("sparsifiner_gather.layer", "fwd+bwd", 1024, 600.0),
+          row("sparsifiner_block.layer", "fwd+bwd", 1024, 20.0),
+          {**row("sparsifiner_block.layer", "fwd+bwd", 4096, 100.0, memory_mib=300.0), "heads": 8},
+          row("dense.layer", "fwd+bwd", 4096, 700.0)]
+  text = "\n".join(bench.target_lines(rows, {"matmul_gflop_per_s": 100.0}))
+  assert ("fwd+bwd at N=1024: 4.50x the best dense layer (dense_xla.layer, 90.0 ms); 30.0x the "
+          "token-level gather path (target >= 3x): **met**") in text
+  assert "fwd+bwd at N=4096: 7.00x the best dense layer (dense.layer, 700.0 ms) " in text
+  assert "(target >= 8x): **missed**" in text
+  assert "memory at N=4096: 300.0 MiB against one [H, N, N] float32 buffer (512 MiB): **met**" \
+      in text
 
 
 def test_cast_flops_do_not_depend_on_the_intra_chunk():

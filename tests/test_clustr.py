@@ -14,10 +14,10 @@ import functools
 import chex
 import flax.linen as nn
 import jax
-from jax.extend import core as jex_core
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.extend import core as jex_core
 
 from clustr_jax.attention import clustr
 

@@ -12,10 +12,7 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 
-from clustr_jax import distill
-from clustr_jax import losses
-from clustr_jax import models
-from clustr_jax import sharding
+from clustr_jax import distill, losses, models, sharding
 from configs import default
 
 

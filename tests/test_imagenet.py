@@ -17,8 +17,7 @@ import pytest
 from PIL import Image
 
 from clustr_jax import data as data_lib
-from clustr_jax.data import augment
-from clustr_jax.data import imagenet
+from clustr_jax.data import augment, imagenet
 
 REPO = pathlib.Path(__file__).parent.parent
 DATA = REPO / "tests" / "data"

@@ -8,13 +8,12 @@ import jax
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
+from lra_testing import DATA, REPO, run_two_steps
 
-from configs import common as config_common
 from clustr_jax import data as data_lib
 from clustr_jax import models
 from clustr_jax.data import image
-
-from lra_testing import DATA, REPO, run_two_steps
+from configs import common as config_common
 
 CIFAR = DATA / "cifar10"
 

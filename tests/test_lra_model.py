@@ -61,8 +61,9 @@ def test_appending_padding_never_changes_real_tokens(pooling):
   variables = m_short.init(jax.random.key(0), short)
   fields = {f: getattr(m_short, f) for f in lra.TransformerEncoder.__dataclass_fields__
             if f not in ("parent", "name")}
-  enc = lambda length, x: lra.TransformerEncoder(**{**fields, "max_length": length}).apply(
-      {"params": variables["params"]["encoder"]}, x)
+  def enc(length, x):
+    return lra.TransformerEncoder(**{**fields, "max_length": length}).apply(
+        {"params": variables["params"]["encoder"]}, x)
   (h_short, _), (h_long, mask_long) = enc(8, short), enc(40, long)
   real = h_short.shape[1]
   np.testing.assert_allclose(h_long[:, :real], h_short, atol=1e-5)

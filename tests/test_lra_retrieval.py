@@ -11,14 +11,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from lra_testing import DATA, REPO, run_two_steps
 
-from configs import common as config_common
 from clustr_jax import data as data_lib
 from clustr_jax import models
 from clustr_jax.data import retrieval
 from clustr_jax.models import lra
-
-from lra_testing import DATA, REPO, run_two_steps
+from configs import common as config_common
 
 AAN = DATA / "aan"
 SMALL = dict(vocab_size=257, num_classes=2, max_length=48, emb_dim=16, num_heads=2, qkv_dim=16,

@@ -5,12 +5,11 @@ import shutil
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
+from lra_testing import DATA, REPO, run_two_steps
 
-from configs import common as config_common
 from clustr_jax import data as data_lib
 from clustr_jax.data import text
-
-from lra_testing import DATA, REPO, run_two_steps
+from configs import common as config_common
 
 IMDB = DATA / "imdb" / "aclImdb"  # 11 train and 10 test reviews copied from ../shared/data/imdb.
 
@@ -105,7 +104,8 @@ def test_configs_official_values_and_two_steps(tmp_path):
                                                                                           1024)
   assert official.dataset.max_length == 1000 and official.num_train_steps == 20_000
   assert official.warmup_steps == 8_000 and official.model.cls_mask_from_first_token
-  assert config_common.load(f"{REPO}/configs/lra/text.py:max_length=4000").dataset.max_length == 4000
+  config = config_common.load(f"{REPO}/configs/lra/text.py:max_length=4000")
+  assert config.dataset.max_length == 4000
   for name in ("clustr", "cast", "sparsifiner"):
     config = config_common.load(f"{REPO}/configs/lra/text.py:cpu,attention={name}")
     assert config.model.attention == name and config.model.attention_kwargs

@@ -13,13 +13,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
-from clustr_jax import models
-from clustr_jax import optim
-from clustr_jax import sharding
-from clustr_jax import train
-
 from test_train import tiny_config
+
+from clustr_jax import models, optim, sharding, train
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 MESH = (4, 2, 1)  # data x fsdp: the FSDP-sharded parameters span both processes.

@@ -16,13 +16,11 @@ import pytest
 from PIL import Image
 from scipy import ndimage
 
-from configs import common as config_common
 from clustr_jax import data as data_lib
-from clustr_jax import models
-from clustr_jax import optim
-from clustr_jax import train
+from clustr_jax import models, optim, train
 from clustr_jax.data import pathfinder
 from clustr_jax.data.pathfinder import __main__ as pathfinder_cli
+from configs import common as config_common
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 # A small, fast set: LRA's 32-pixel paddles in a 16-pixel window (the ``cpu`` config's set).

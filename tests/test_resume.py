@@ -10,7 +10,6 @@ import sys
 
 import numpy as np
 import pytest
-
 from test_train import tiny_config
 
 REPO = pathlib.Path(__file__).resolve().parent.parent

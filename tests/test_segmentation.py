@@ -16,14 +16,8 @@ import orbax.checkpoint as ocp
 import pytest
 from PIL import Image
 
-from clustr_jax import distill
-from clustr_jax import losses
-from clustr_jax import models
-from clustr_jax import optim
-from clustr_jax import train
-from clustr_jax.data import ade20k
-from clustr_jax.data import camvid
-from clustr_jax.data import segmentation
+from clustr_jax import distill, losses, models, optim, train
+from clustr_jax.data import ade20k, camvid, segmentation
 from clustr_jax.models import segmentation as seg_models
 from configs import common as config_common
 

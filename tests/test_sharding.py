@@ -8,14 +8,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
-from clustr_jax import losses
-from clustr_jax import models
-from clustr_jax import optim
-from clustr_jax import sharding
-from clustr_jax import train
-
 from test_train import tiny_config
+
+from clustr_jax import losses, models, optim, sharding, train
 
 MODEL_KWARGS = {"vocab_size": 17, "num_classes": 10, "max_length": 32}
 

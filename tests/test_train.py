@@ -14,14 +14,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import common as config_common
 from clustr_jax import data as data_lib
-from clustr_jax import losses
-from clustr_jax import models
-from clustr_jax import optim
-from clustr_jax import profiling
-from clustr_jax import sharding
-from clustr_jax import train
+from clustr_jax import losses, models, optim, profiling, sharding, train
+from configs import common as config_common
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
@@ -73,9 +68,9 @@ def test_results_json_profile_and_mfu(tmp_path):
   config.update(profile_start_step=2, profile_num_steps=1, peak_flops_per_device=1e12)
   results = train.train_and_evaluate(config, tmp_path)
   assert list((tmp_path / "profile").rglob("*.xplane.pb"))
-  train_lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()
-                 if json.loads(l)["split"] == "train"]
-  assert all(0 < l["mfu"] < 1 and l["step_time_s"] > 0 for l in train_lines)
+  train_lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()
+                 if json.loads(line)["split"] == "train"]
+  assert all(0 < r["mfu"] < 1 and r["step_time_s"] > 0 for r in train_lines)
   saved = json.loads((tmp_path / "results.json").read_text())
   assert saved["step"] == 2 and saved["num_train_steps"] == 2
   assert saved["test"]["num_examples"] == 20 and saved["val"]["num_examples"] == 20
@@ -85,7 +80,8 @@ def test_results_json_profile_and_mfu(tmp_path):
   assert saved["wall_time_s"] > 0
   assert (tmp_path / "data" / "listops" / "basic_train.tsv").is_file()
   assert list((tmp_path / "tensorboard").iterdir())
-  splits = {json.loads(l)["split"] for l in (tmp_path / "metrics.jsonl").read_text().splitlines()}
+  splits = {json.loads(line)["split"]
+            for line in (tmp_path / "metrics.jsonl").read_text().splitlines()}
   assert splits == {"train", "val", "test"}
 
 
@@ -204,10 +200,11 @@ def test_nonfinite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(
   results = train.train_and_evaluate(config, tmp_path / "skip")
   assert results["nonfinite_steps"] == len(bad_steps) and results["step"] == 6
   assert np.isfinite(results["test"]["loss"])
-  lines = [json.loads(l) for l in (tmp_path / "skip" / "metrics.jsonl").read_text().splitlines()]
-  train_lines = [l for l in lines if l["split"] == "train"]
-  assert all(np.isfinite(l["loss"]) != (l["step"] in bad_steps) for l in train_lines)
-  assert [l["nonfinite_steps"] for l in train_lines][-1] == len(bad_steps)
+  records = [json.loads(line)
+             for line in (tmp_path / "skip" / "metrics.jsonl").read_text().splitlines()]
+  train_lines = [r for r in records if r["split"] == "train"]
+  assert all(np.isfinite(r["loss"]) != (r["step"] in bad_steps) for r in train_lines)
+  assert [r["nonfinite_steps"] for r in train_lines][-1] == len(bad_steps)
 
 
 def test_skipping_stops_after_max_nonfinite_steps():

@@ -10,9 +10,8 @@ import jax
 import numpy as np
 import pytest
 
+from clustr_jax import distill, train
 from configs import common as config_common
-from clustr_jax import distill
-from clustr_jax import train
 
 REPO = pathlib.Path(__file__).parent.parent
 FOLDER = REPO / "tests" / "data" / "imagenet"

@@ -4,7 +4,8 @@ Every mechanism is a Flax Linen module called as ``module(x, mask=None, *, deter
 with x [batch, length, features] and mask bool [batch, length] (True = real token), constructed
 with at least ``num_heads`` and ``qkv_features`` (see ``base``), and states its own settings for
 where it runs with the classmethod ``sized_for(length, *, grid=None, cls_token=None,
-sr_ratio=None) -> dict`` (see ``sized_for`` below). ``get(name)`` returns the class.
+sr_ratio=None, budget=None) -> dict`` (see ``sized_for`` below; ``Budget`` is the parameter
+allowance of an LRA comparison). ``get(name)`` returns the class.
 
   dense        full softmax attention (``dense.py``)
   clustr       ClusTR clustering-guided multi-scale attention, Xie et al. 2022 (``clustr.py``)
@@ -19,6 +20,7 @@ tests (``tests/test_attention_contract.py``) and every config file then run with
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from typing import Any
 
@@ -31,6 +33,28 @@ _REGISTRY: dict[str, str] = {
     "cast": "clustr_jax.attention.cast:CASTAttention",
     "sparsifiner": "clustr_jax.attention.sparsifiner:SparsifinerAttention",
 }
+
+
+@dataclasses.dataclass(frozen=True)
+class Budget:
+  """The parameters a mechanism may add per attention layer in a comparison with dense attention.
+
+  LRA's rule (``docs/lra.md``, "Parameter budgets"): an efficient model stays within +10 % of the
+  dense Transformer's parameters. ``configs/lra/common.py`` turns that into an allowance per
+  layer; a mechanism's ``sized_for`` chooses settings whose parameters beyond a bias-free dense
+  attention of the same widths (q, k, v [features, qkv_features] and out [qkv_features,
+  features]) stay within ``extra_parameters``, where its method allows it.
+
+  Attributes:
+    features: the model width C (the attention's input and output width).
+    qkv_features: the total query/key/value width H d.
+    num_heads: H.
+    extra_parameters: parameters allowed per attention layer beyond the dense attention's.
+  """
+  features: int
+  qkv_features: int
+  num_heads: int
+  extra_parameters: int
 
 
 def names() -> tuple[str, ...]:
@@ -67,7 +91,8 @@ def get(name: str) -> type[nn.Module]:
 
 
 def sized_for(name: str, length: int, *, grid: tuple[int, int] | None = None,
-              cls_token: bool | None = None, sr_ratio: int | None = None) -> dict[str, Any]:
+              cls_token: bool | None = None, sr_ratio: int | None = None,
+              budget: Budget | None = None) -> dict[str, Any]:
   """The settings (constructor keywords) mechanism ``name`` chooses for where it runs.
 
   Args:
@@ -77,6 +102,9 @@ def sized_for(name: str, length: int, *, grid: tuple[int, int] | None = None,
       pyramid stage.
     cls_token: whether the first token is a CLS token (None: not stated; the module's default).
     sr_ratio: the spatial-reduction ratio of a ClusTR-pyramid stage (None: not in a pyramid).
+    budget: the parameter allowance per attention layer (``Budget``; None: no allowance stated,
+      the mechanism's own sizing). Where the method cannot fit it, the mechanism returns its
+      nearest settings and the config states the overhead (``configs/lra/common.py``).
 
   Returns:
     A dict of the mechanism's own constructor keywords; options given in a config
@@ -87,4 +115,5 @@ def sized_for(name: str, length: int, *, grid: tuple[int, int] | None = None,
   """
   if length < 1:
     raise ValueError(f"attention.sized_for({name!r}): length must be >= 1; got {length}")
-  return dict(get(name).sized_for(length, grid=grid, cls_token=cls_token, sr_ratio=sr_ratio))
+  return dict(get(name).sized_for(length, grid=grid, cls_token=cls_token, sr_ratio=sr_ratio,
+                                  budget=budget))

@@ -10,6 +10,11 @@ returning [batch, length, out_features]. A padded token never changes the output
 Each module owns its projections (the methods differ in where they act), built from the
 ``HeadProjection`` / ``OutputProjection`` modules below so that every kernel carries logical axis
 names ('embed', 'heads', 'kv') for the sharding rules in ``clustr_jax/sharding.py``.
+
+Initialisation: a mechanism with a ``kernel_init`` field (an initializer, or None) passes it to
+its projections. None keeps the default, xavier-uniform with each projection's own fans (LRA's
+attention init, ``docs/lra.md``); the vision models pass timm's / ClusTR's trunc-normal(0.02)
+(``docs/vision.md``, "Initialisation"). Biases are zero either way.
 """
 
 from __future__ import annotations
@@ -30,6 +35,15 @@ MASK_VALUE = -1e10
 
 #: LRA's attention kernels are xavier-uniform (``lra_benchmarks/models/layers/common_layers.py``).
 default_kernel_init = nn.initializers.xavier_uniform
+
+
+def trunc_normal_02(key: Array, shape: tuple[int, ...], dtype: Dtype = jnp.float32) -> Array:
+  """timm's ``trunc_normal_(std=.02)`` (the official ViT/DeiT, ClusTR and Sparsifiner inits): a
+  normal with std 0.02 cut at its absolute bounds a = -2, b = 2, i.e. at +-100 standard
+  deviations. Drawn as a normal clipped to [-2, 2], the same distribution; JAX's inverse-CDF
+  ``truncated_normal`` with bounds at +-100 std maps about 1 draw in 10^7 onto a bound (its
+  float32 uniform reaches erf(100 / sqrt 2) = 1), which a test of the initial statistics sees."""
+  return jnp.clip(0.02 * jax.random.normal(key, shape, dtype), -2.0, 2.0).astype(dtype)
 
 
 def check_inputs(x: Array, mask: Array | None, name: str) -> Array:
@@ -58,7 +72,8 @@ def check_inputs(x: Array, mask: Array | None, name: str) -> Array:
   return mask.astype(bool)
 
 
-def head_dims(features: int, qkv_features: int | None, num_heads: int, name: str) -> tuple[int, int]:
+def head_dims(features: int, qkv_features: int | None, num_heads: int,
+              name: str) -> tuple[int, int]:
   """Returns (qkv_features, head_dim), checking that the heads divide the width.
 
   Raises:
@@ -87,13 +102,14 @@ class HeadProjection(nn.Module):
   use_bias: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
-  kernel_init: Initializer = default_kernel_init(in_axis=0, out_axis=(1, 2))
+  kernel_init: Initializer | None = None   # None: xavier-uniform over the flat matrix.
   bias_init: Initializer = nn.initializers.zeros_init()
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
+    init = self.kernel_init or default_kernel_init(in_axis=0, out_axis=(1, 2))
     kernel = self.param(
-        "kernel", nn.with_logical_partitioning(self.kernel_init, ("embed", "heads", "kv")),
+        "kernel", nn.with_logical_partitioning(init, ("embed", "heads", "kv")),
         (x.shape[-1], self.num_heads, self.head_dim), self.param_dtype)
     x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
     y = jnp.einsum("...f,fhd->...hd", x, kernel)
@@ -114,13 +130,14 @@ class OutputProjection(nn.Module):
   use_bias: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
-  kernel_init: Initializer = default_kernel_init(in_axis=(0, 1), out_axis=2)
+  kernel_init: Initializer | None = None   # None: xavier-uniform over the flat matrix.
   bias_init: Initializer = nn.initializers.zeros_init()
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
+    init = self.kernel_init or default_kernel_init(in_axis=(0, 1), out_axis=2)
     kernel = self.param(
-        "kernel", nn.with_logical_partitioning(self.kernel_init, ("heads", "kv", "embed")),
+        "kernel", nn.with_logical_partitioning(init, ("heads", "kv", "embed")),
         (x.shape[-2], x.shape[-1], self.features), self.param_dtype)
     x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
     y = jnp.einsum("...hd,hdf->...f", x, kernel)

@@ -88,6 +88,9 @@ over the N_c kappa slots.
 Sown into 'intermediates' (for plots and losses): 'cluster_indices' int32 [B, H, N_c, kappa],
 'cluster_valid' bool [B, H, N_c, kappa] (which slots hold a real member), 'coverage' int32
 [B, H, N] (number of clusters holding each token), 'alpha' float32 [B, H, N_c, N].
+Sown into 'metrics' (float32 scalars, logged by the train loop): 'uncovered_fraction' and
+'overlap_fraction', the fractions of (real token, head) pairs in no cluster and in more than one
+(docs/cast.md, "Coverage").
 """
 
 from __future__ import annotations
@@ -101,7 +104,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from clustr_jax.attention import base
+from clustr_jax.attention import base, dense
 
 _NAME = "CASTAttention"
 
@@ -229,12 +232,24 @@ def _scatter_add(values: jax.Array, idx: jax.Array, length: int) -> jax.Array:
 # custom backward pass that recomputes them step by step from the saved row maxima and sums (as
 # flash attention does). XLA:CPU runs one batched [512 x 128 x 64] x [64 x 128] product far
 # below its matmul rate, and the plain backward pass through it far slower still; the layer-level
-# gain is in experiments/results/cast_ab.md (experiments/benchmarks/cast_ab.py). Other backends,
-# and attention dropout, use the batched product with autodiff.
+# gain is in experiments/results/cast_ab.md (experiments/benchmarks/cast_ab.py). On CUDA and TPU
+# the clusters go, as a batch of one-head sequences of kappa tokens, through dense attention's
+# fused kernel (cuDNN; splash attention with kappa padded to 128) where ``dense.
+# choose_implementation`` picks one, else through the batched product with autodiff, as do other
+# backends and attention dropout (docs/gpu_tpu.md).
 # --------------------------------------------------------------------------------------------
 
 #: Clusters per step of the CPU intra-cluster attention (a divisor of B H N_c is used).
 INTRA_CHUNK_CLUSTERS = 16
+
+#: Valid values of INTRA_IMPLEMENTATION.
+INTRA_IMPLEMENTATIONS = ("auto", "chunked", "batched", "cudnn", "splash")
+
+#: The intra-cluster kernel, read when traced: 'auto' (chosen per platform at lowering time:
+#: 'chunked' on the CPU; on CUDA and TPU the fused kernel that ``dense.choose_implementation``
+#: gives for kappa keys, else 'batched'), or one forced for tests and benchmarks: 'chunked',
+#: 'batched', 'cudnn' (CUDA only), 'splash' (the Pallas interpreter off TPU).
+INTRA_IMPLEMENTATION = "auto"
 
 
 def _intra_logits(q_c, k_c, valid, scale):
@@ -304,6 +319,25 @@ def _chunked_intra_bwd(scale, rows, residuals, d_out):
 _chunked_intra_attention.defvjp(_chunked_intra_fwd, _chunked_intra_bwd)
 
 
+def _fused_intra_attention(q_c, k_c, v_c, valid, scale, implementation):
+  """``_intra_attention`` through ``dense.attend``'s fused kernel: the B H N_c clusters as a batch
+  of one-head sequences of kappa tokens, invalid slots masked as keys. A cluster without valid
+  members gets finite rows of another value than ``_intra_attention``'s; CAST discards them."""
+  shape = q_c.shape
+  flat = lambda t: t.reshape((-1, shape[3], 1, shape[4]))  # noqa: E731  [B H C, kappa, 1, d]
+  out = dense.attend(flat(q_c), flat(k_c), flat(v_c), valid.reshape(-1, shape[3]),
+                     implementation=implementation, scale=scale)
+  return out.reshape(shape)
+
+
+def _accelerator_intra(platform: str, dtype, head_dim: int, kappa: int) -> str | None:
+  """The fused kernel 'auto' runs on ``platform`` ('cuda' or 'tpu'); None: the batched product."""
+  fused = dense.choose_implementation(platform, dtype, head_dim, kappa)
+  if fused == "splash" or (fused == "cudnn" and dense.cudnn_available()):
+    return fused
+  return None
+
+
 def intra_cluster_attention(q_c: jax.Array, k_c: jax.Array, v_c: jax.Array, valid: jax.Array,
                             scale: float, dropout=None) -> jax.Array:
   """Softmax attention inside each cluster: R_intra of the module docstring (docs/cast.md).
@@ -315,17 +349,38 @@ def intra_cluster_attention(q_c: jax.Array, k_c: jax.Array, v_c: jax.Array, vali
     dropout: optional function on the weights [B, H, N_c, kappa, kappa] (training).
 
   Returns:
-    [B, H, N_c, kappa, d] in v_c's dtype; logits and softmax in float32. On the CPU without
-    dropout, computed in steps of ``INTRA_CHUNK_CLUSTERS`` clusters with a recomputing backward
-    pass (same values; gradients equal to float rounding).
+    [B, H, N_c, kappa, d] in v_c's dtype; logits and softmax in float32. The kernel is
+    INTRA_IMPLEMENTATION's: by default, on the CPU without dropout, steps of
+    ``INTRA_CHUNK_CLUSTERS`` clusters with a recomputing backward pass; on CUDA and TPU a fused
+    kernel where one applies (docs/gpu_tpu.md). Rows of clusters without valid members are
+    finite but differ between kernels; every other row agrees to float rounding.
+
+  Raises:
+    ValueError: an unknown INTRA_IMPLEMENTATION, or 'cudnn' without a CUDA GPU.
   """
   if dropout is not None:
     return _intra_attention(q_c, k_c, v_c, valid, scale, dropout)
   rows = math.gcd(math.prod(q_c.shape[:3]), INTRA_CHUNK_CLUSTERS)
-  return lax.platform_dependent(
-      q_c, k_c, v_c, valid,
-      cpu=lambda *a: _chunked_intra_attention(*a, scale, rows),
-      default=lambda *a: _intra_attention(*a, scale))
+  chunked = lambda *a: _chunked_intra_attention(*a, scale, rows)  # noqa: E731
+  batched = lambda *a: _intra_attention(*a, scale)  # noqa: E731
+  args = (q_c, k_c, v_c, valid)
+  if INTRA_IMPLEMENTATION not in INTRA_IMPLEMENTATIONS:
+    raise ValueError(f"{_NAME}: unknown cast.INTRA_IMPLEMENTATION={INTRA_IMPLEMENTATION!r}; "
+                     f"valid choices: {', '.join(repr(i) for i in INTRA_IMPLEMENTATIONS)}")
+  if INTRA_IMPLEMENTATION == "chunked":
+    return chunked(*args)
+  if INTRA_IMPLEMENTATION == "batched":
+    return batched(*args)
+  if INTRA_IMPLEMENTATION != "auto":
+    return _fused_intra_attention(*args, scale, INTRA_IMPLEMENTATION)
+  branch = {}
+  for platform in ("cuda", "tpu"):
+    fused = _accelerator_intra(platform, q_c.dtype, q_c.shape[-1], q_c.shape[-2])
+    branch[platform] = batched if fused is None else functools.partial(
+        _fused_intra_attention, scale=scale, implementation=fused)
+  # Equal branches (the batched product) are joined by platform_dependent and traced once.
+  return lax.platform_dependent(*args, cpu=chunked, cuda=branch["cuda"], tpu=branch["tpu"],
+                                default=batched)
 
 
 def _f(a: jax.Array, mask: jax.Array, axis: str) -> jax.Array:
@@ -469,6 +524,7 @@ class CASTAttention(nn.Module):
     combination: C6 (and C11), 'weighted' (default) or 'intra_plus_others'.
     shared_surrogates: C7, one [N_c, d] set shared by all heads (default False: [H, N_c, d]).
     surrogate_init_stddev: C10, stddev of the normal initializer of the surrogates (0.02).
+    kernel_init: the projections' kernel initializer (None: xavier-uniform, LRA's).
 
   Call: ``x`` [batch, length, features] float, ``mask`` bool [batch, length] (True = real token)
   or None -> [batch, length, out_features] in ``dtype``. Parameters: 'query', 'key', 'value'
@@ -497,22 +553,39 @@ class CASTAttention(nn.Module):
   combination: str = "weighted"
   shared_surrogates: bool = False
   surrogate_init_stddev: float = 0.02
+  kernel_init: base.Initializer | None = None
 
   @classmethod
   def sized_for(cls, length: int, *, grid: tuple[int, int] | None = None,
-                cls_token: bool | None = None, sr_ratio: int | None = None) -> dict[str, Any]:
+                cls_token: bool | None = None, sr_ratio: int | None = None,
+                budget: Any = None) -> dict[str, Any]:
     """Settings for ``length`` tokens (see ``clustr_jax.attention.sized_for``): N_c ~ sqrt(N)
     clusters (a multiple of 8 for a 1-D sequence, for the accelerators' tiles) of
-    kappa = ceil(N / N_c) slots, so N_c kappa >= N: enough slots for every token. With the
-    default Top-K clustering the clusters may overlap, so this bounds the slots, not coverage.
+    kappa = ceil(N / N_c) slots, so N_c kappa >= N: enough slots for every token. That bounds
+    the slots, not coverage. What each clustering mode guarantees (the module sows the
+    fractions in its 'metrics': ``uncovered_fraction``, ``overlap_fraction``):
+      'top_k' (default)           nothing: each cluster takes its kappa most affine tokens
+                                  independently, so clusters overlap and may leave tokens out;
+      'sa_top_k', 'argmax'        no overlap; a cluster's overflow beyond kappa is dropped, so
+                                  tokens may be left out;
+      'sa_top_k', 'greedy' or     every real token in exactly one cluster when N_c kappa >= N.
+        'sequential'
+
+    With a ``budget`` (``clustr_jax.attention.Budget``): the surrogates, H N_c d = N_c qkv
+    parameters per layer, are CAST's only addition (no biases, as the dense baseline); N_c is
+    lowered (to a multiple of 8 where possible) until they fit ``budget.extra_parameters``.
     """
     del cls_token, sr_ratio
     if grid is None:
       num_clusters = max(1, int(round(length ** 0.5 / 8)) * 8)
-      return {"num_clusters": num_clusters,
-              "cluster_size": min(length, -(-length // num_clusters))}
-    num_clusters = max(1, int(round(length ** 0.5)))
-    return {"num_clusters": num_clusters, "cluster_size": -(-length // num_clusters)}
+    else:
+      num_clusters = max(1, int(round(length ** 0.5)))
+    if budget is not None:
+      fit = budget.extra_parameters // budget.qkv_features
+      if num_clusters > fit:
+        num_clusters = max(1, fit // 8 * 8 if fit >= 8 else fit)
+    return {"num_clusters": num_clusters,
+            "cluster_size": min(length, -(-length // num_clusters))}
 
   def _check_settings(self, length: int) -> None:
     for option, valid in CHOICES.items():
@@ -538,7 +611,8 @@ class CASTAttention(nn.Module):
     heads, num_clusters, kappa = self.num_heads, self.num_clusters, self.cluster_size
 
     proj = lambda name: base.HeadProjection(  # noqa: E731
-        heads, head_dim, self.use_bias, self.dtype, self.param_dtype, name=name)
+        heads, head_dim, self.use_bias, self.dtype, self.param_dtype,
+        kernel_init=self.kernel_init, name=name)
     q, k, v = proj("query")(x), proj("key")(x), proj("value")(x)            # [B, N, H, d]
     q = nn.with_logical_constraint(q, ("batch", "length", "heads", "kv"))
 
@@ -559,6 +633,13 @@ class CASTAttention(nn.Module):
                  lambda w: base.attention_dropout(w, self.dropout_rate, deterministic)))
     for name, value in aux.items():
       self.sow("intermediates", name, value)
+    if not self.is_initializing():  # Not part of the initial variables.
+      # Coverage as a metric: the fraction of (real token, head) pairs in no / several clusters.
+      real = mask[:, None, :]                                              # [B, 1, N]
+      pairs = jnp.maximum(jnp.sum(real) * heads, 1).astype(jnp.float32)
+      self.sow("metrics", "uncovered_fraction",
+               jnp.sum((aux["coverage"] == 0) & real) / pairs)
+      self.sow("metrics", "overlap_fraction", jnp.sum((aux["coverage"] > 1) & real) / pairs)
     return base.OutputProjection(
         self.out_features or features, self.use_bias, self.dtype, self.param_dtype,
-        name="out")(out.astype(self.dtype))
+        kernel_init=self.kernel_init, name="out")(out.astype(self.dtype))

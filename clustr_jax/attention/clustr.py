@@ -421,13 +421,14 @@ class KeyValueProjection(nn.Module):
   use_bias: bool = True
   dtype: base.Dtype = jnp.float32
   param_dtype: base.Dtype = jnp.float32
-  kernel_init: base.Initializer = base.default_kernel_init(in_axis=0, out_axis=(1, 2, 3))
+  kernel_init: base.Initializer | None = None   # None: xavier-uniform over the flat matrix.
   bias_init: base.Initializer = nn.initializers.zeros_init()
 
   @nn.compact
   def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    init = self.kernel_init or base.default_kernel_init(in_axis=0, out_axis=(1, 2, 3))
     kernel = self.param(
-        "kernel", nn.with_logical_partitioning(self.kernel_init, ("embed", None, "heads", "kv")),
+        "kernel", nn.with_logical_partitioning(init, ("embed", None, "heads", "kv")),
         (x.shape[-1], 2, self.num_heads, self.head_dim), self.param_dtype)
     x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
     y = jnp.einsum("...f,fthd->...thd", x, kernel)
@@ -449,6 +450,8 @@ class ClusTRAttention(nn.Module):
     dropout_rate: dropout on the attention weights of every scale (official attn_drop = 0).
     use_bias: biases on q and kv (official qkv_bias=True); proj and weight_layer always have one.
     dtype: computation dtype of the projections; param_dtype: parameter dtype.
+    kernel_init: the q/kv/proj projections' kernel initializer (None:
+      xavier-uniform, LRA's; the official _init_weights: trunc-normal(0.02)).
     num_clusters: M_s per scale; None = the official (N // sr^2, 4 (N // sr^2)) from the actual N.
     sr_ratio: only sets the default num_clusters (the pyramid's stages 1-3 use 8, 4, 2).
     knn_k: neighbours for the local density, self included (official 5).
@@ -483,10 +486,12 @@ class ClusTRAttention(nn.Module):
   density_noise: bool | str = False
   distance_chunk_size: int | None = None
   merge_eps: float = 1e-6
+  kernel_init: base.Initializer | None = None
 
   @classmethod
   def sized_for(cls, length: int, *, grid: tuple[int, int] | None = None,
-                cls_token: bool | None = None, sr_ratio: int | None = None) -> dict[str, Any]:
+                cls_token: bool | None = None, sr_ratio: int | None = None,
+                budget: Any = None) -> dict[str, Any]:
     """Settings for ``length`` tokens (see ``clustr_jax.attention.sized_for``).
 
     A pyramid stage (``sr_ratio`` given): the official clusters (N // sr^2, 4 (N // sr^2)) from
@@ -494,6 +499,11 @@ class ClusTRAttention(nn.Module):
     scales (M, 4M) with M = N // 4, as the pyramid's third stage (sr 2: 49 and 196 clusters at
     197 tokens). A 1-D sequence (LRA): M = N // 16 (125 and 500 clusters at 2,001 tokens) and
     the distance matrix in chunks of 512 rows.
+
+    With a ``budget`` (``clustr_jax.attention.Budget``, LRA's comparison): no q/kv biases, as the
+    dense baseline. ClusTR's additions are not settings: a second key/value projection (one per
+    scale, 2 C qkv per layer), the merge's weight_layer (C + 1) and the output bias (C), so the
+    budget cannot be met by sizing; ``configs/lra/common.py`` states the overhead.
     """
     del cls_token
     if sr_ratio is not None:
@@ -502,6 +512,8 @@ class ClusTRAttention(nn.Module):
     settings: dict[str, Any] = {"num_clusters": (m, min(4 * m, length))}
     if grid is None:
       settings["distance_chunk_size"] = 512
+    if budget is not None:
+      settings["use_bias"] = False
     return settings
 
   def _scales(self, length: int) -> tuple[int, ...]:
@@ -532,7 +544,8 @@ class ClusTRAttention(nn.Module):
         length, self._scales(length), self.knn_k, self.distance_chunk_size, _NAME)
 
     q = base.HeadProjection(self.num_heads, head_dim, self.use_bias, self.dtype,
-                            self.param_dtype, name="q")(x)                 # [B, N, H, d]
+                            self.param_dtype, kernel_init=self.kernel_init,
+                            name="q")(x)                                 # [B, N, H, d]
     q = nn.with_logical_constraint(q, ("batch", "length", "heads", "kv"))
     score = nn.Dense(
         1, dtype=jnp.float32, param_dtype=self.param_dtype,
@@ -557,7 +570,8 @@ class ClusTRAttention(nn.Module):
     out = None
     for s, xbar in enumerate(merged):                                     # xbar [B, M_s, C]
       k, v = KeyValueProjection(self.num_heads, head_dim, self.use_bias, self.dtype,
-                                self.param_dtype, name=f"kv{s + 1}")(xbar.astype(self.dtype))
+                                self.param_dtype, kernel_init=self.kernel_init,
+                                name=f"kv{s + 1}")(xbar.astype(self.dtype))
       key_mask = clusters.centres[s] >= 0                                  # [B, M_s]
       logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
       logits = logits * head_dim ** -0.5
@@ -567,4 +581,5 @@ class ClusTRAttention(nn.Module):
       o = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(v.dtype), v)
       out = o if out is None else out + o
     return base.OutputProjection(self.out_features or features, True, self.dtype,
-                                 self.param_dtype, name="proj")(out)
+                                 self.param_dtype, kernel_init=self.kernel_init,
+                                 name="proj")(out)

@@ -35,7 +35,11 @@ Two equivalent mode-B paths (``path``):
             attention dropout active, one batched gather ([B, H, Nq, k, d]) with autodiff.
             ``jax.lax.platform_dependent`` picks the CPU version at lowering time.
 The predictor's A^ is [B, H, Nq, N] on both paths and its top-k runs over N columns: that
-O(N^2) part is inherent to the official method (its ``approx_attn``).
+O(N^2) part is inherent to the official method (its ``approx_attn``). Ours, not the paper's:
+  'block'   blocks of ``block_size`` tokens; each query block attends to its own key block and
+            the best others, ceil(keep_rate * NB) of the NB blocks, scored by A^'s block means
+            computed from block-averaged factors (``block_scores``), so no [N, N] array is formed
+            (``docs/sparsifiner.md``, "The block path").
 
 Cost: predictor O(N n_down c H) + A^ O(N^2 H basis_topk) (mode A: O(N^2 H n_down)) + a top-k
 over N columns for N H rows; attention O(N^2 d H) on the masked path, O(N k d H) on the gather
@@ -78,6 +82,9 @@ Sown into 'intermediates' (for the distillation losses and plots):
   attn_mask        mode B, path 'masked': bool [B, H, N, N] (CLS row = real keys)
   attn_indices     mode B, path 'gather': int32 [B, H, Nq, k], each patch query's selected keys,
                    -1 for masked surplus slots (the CLS row, dense, is not listed)
+  attn_blocks      mode B, path 'block': int32 [B, H, NB, m], each query block's key blocks, -1
+                   for a chosen block without a real key (approx_attn then holds the block
+                   scores [B, H, NB, NB])
   token_keep_mask  bool [B, N], only when token_keep_rate < 1
 
 Parameters (names mirror the official state-dict keys under ``blocks.i.attn.``):
@@ -88,9 +95,10 @@ Parameters (names mirror the official state-dict keys under ``blocks.i.attn.``):
   proj: {kernel [H, d, C_out], bias [C_out]} = proj.weight.T.reshape(H, d, C_out), proj.bias.
   mask_predictor/proj_c_q: {kernel [d, c] = proj_c_q.weight.T, bias [c]}; proj_c_k likewise.
   mask_predictor/proj_n [N, n_down] and proj_back_n [N, n_down]: copied as they are.
-Initialisation: the projections use the codebase default (xavier-uniform, zero biases); the
-predictor follows timm's ``trunc_normal_(std=.02)``, whose bounds a=-2, b=2 are absolute, i.e.
-an (effectively untruncated) normal with std 0.02, and zero biases.
+Initialisation: the projections use ``kernel_init`` (None: xavier-uniform, the LRA default; the
+vision models pass timm's trunc-normal(0.02)), zero biases; the predictor follows timm's
+``trunc_normal_(std=.02)``, whose bounds a=-2, b=2 are absolute, i.e. an (effectively
+untruncated) normal with std 0.02 (``base.trunc_normal_02``), and zero biases.
 """
 
 from __future__ import annotations
@@ -106,11 +114,11 @@ import jax.numpy as jnp
 from clustr_jax.attention import base
 
 _NAME = "SparsifinerAttention"
-_PATHS = ("gather", "masked")
+_PATHS = ("gather", "masked", "block")
 _SCALES = ("num_heads", "head_dim")
 
 #: timm's trunc_normal_(std=.02) truncates at +-2 absolute, i.e. +-100 standard deviations.
-predictor_init = nn.initializers.truncated_normal(stddev=0.02, lower=-100.0, upper=100.0)
+predictor_init = base.trunc_normal_02
 
 
 def _safe_softmax(logits: jax.Array, allowed: jax.Array) -> jax.Array:
@@ -252,6 +260,52 @@ class _ChannelLinear(nn.Module):
     return y + bias.astype(jnp.float32)
 
 
+def block_scores(coef: jax.Array, basis: jax.Array, valid: jax.Array, basis_topk: int,
+                 block_size: int, has_cls_token: bool) -> jax.Array:
+  """Mode B's A^ averaged over every (query block, key block), without forming A^ (ours).
+
+  A^ = C B^T is linear in both factors (C: each row's ``basis_topk`` top coefficients, zero
+  elsewhere, [Nq, n_down]; B = T_tau(|W_up|) [N, n_down]), so the mean of A^ over the real
+  queries i of query block a and the real keys j of key block b is
+  (mean_{i in a} C_i) . (mean_{j in b} B_j): an [NB, NB] product instead of an [Nq, N] one.
+  Blocks tile the N tokens (token 0 in block 0); the CLS query (``has_cls_token``) has no row of
+  C and counts in no block mean. See ``docs/sparsifiner.md`` ("The block path").
+
+  Args:
+    coef: float32 [B, H, Nq, n_down], the softmax coefficients A_down of the predicted rows.
+    basis: float32 [N, n_down], T_tau(|W_up|).
+    valid: bool [B, N], True = real token.
+    basis_topk: coefficients kept per row (mode B's top-k over n_down).
+    block_size: tokens per block.
+    has_cls_token: token 0 is a CLS token (no row in ``coef``).
+
+  Returns:
+    float32 [B, H, NB, NB], NB = ceil(N / block_size); 0 where a block has no real token.
+  """
+  batch, heads, _, n_down = coef.shape
+  length = basis.shape[0]
+  num_blocks = -(-length // block_size)
+  pad = num_blocks * block_size - length
+  blocked = lambda t: jnp.pad(t, ((0, 0), (0, pad))).reshape(  # noqa: E731
+      batch, num_blocks, block_size).astype(jnp.float32)
+  query_valid = valid.at[:, 0].set(False) if has_cls_token else valid
+  q_weight, k_weight = blocked(query_valid), blocked(valid)                 # [B, NB, bs]
+  basis = jnp.pad(basis, ((0, pad), (0, 0))).reshape(num_blocks, block_size, n_down)
+  k_mean = jnp.einsum("nsm,bns->bmn", basis, k_weight)
+  k_mean = k_mean / jnp.maximum(k_weight.sum(-1), 1.0)[:, None, :]         # [B, n_down, NB]
+  # Each row's score of each key block: its top coefficients times the gathered rows of k_mean
+  # ([B, H, Nq, topk, NB], not the [Nq, n_down] dense coefficients).
+  top_coef, top_index = jax.lax.top_k(coef, basis_topk)                     # [B, H, Nq, topk]
+  gathered = jax.vmap(lambda table, index: table[index])(k_mean, top_index)
+  row_scores = jnp.einsum("bhqt,bhqtk->bhqk", top_coef, gathered)          # [B, H, Nq, NB]
+  if has_cls_token:
+    row_scores = jnp.pad(row_scores, ((0, 0), (0, 0), (1, 0), (0, 0)))
+  row_scores = jnp.pad(row_scores, ((0, 0), (0, 0), (0, pad), (0, 0)))
+  row_scores = row_scores.reshape(batch, heads, num_blocks, block_size, num_blocks)
+  total = jnp.einsum("bhnsk,bns->bhnk", row_scores, q_weight)
+  return total / jnp.maximum(q_weight.sum(-1), 1.0)[:, None, :, None]
+
+
 class MaskPredictor(nn.Module):
   """The connectivity predictor: low-rank approximate attention A^ (docs/sparsifiner.md).
 
@@ -262,10 +316,13 @@ class MaskPredictor(nn.Module):
     reduce_n_factor: only for the error message.
     predictor_scale: 'num_heads' (H^-1/2, official) or 'head_dim' (d^-1/2, paper figure).
     basis_threshold, basis_topk, recon_mode, has_cls_token: see ``SparsifinerAttention``.
+    block_size: None, or (mode B only) return the block scores of ``block_scores`` for blocks of
+      this many tokens instead of A^.
     param_dtype: parameter dtype. The computation is float32.
 
   Call: q, k [B, N, H, d] (any float dtype), valid bool [B, N] (True = real, unpruned token) ->
-  A^ float32 [B, H, Nq, N].
+  A^ float32 [B, H, Nq, N], or with ``block_size`` (mode B) block scores float32
+  [B, H, NB, NB], NB = ceil(N / block_size).
 
   Raises:
     ValueError: N differs from the length proj_n / proj_back_n were initialised for.
@@ -279,6 +336,7 @@ class MaskPredictor(nn.Module):
   basis_topk: int = 8
   recon_mode: bool = False
   has_cls_token: bool = True
+  block_size: int | None = None
   param_dtype: base.Dtype = jnp.float32
 
   def _token_param(self, name: str, length: int) -> jax.Array:
@@ -315,6 +373,9 @@ class MaskPredictor(nn.Module):
       return jnp.einsum("bhnm,Nm->bhnN", coef, w_up)
     basis = jnp.abs(w_up)                                # mode B: T_tau(|W_up|), top coefficients
     basis = jnp.where(basis > self.basis_threshold, basis, 0.0)
+    if self.block_size is not None:
+      return block_scores(coef, basis, valid, self.basis_topk, self.block_size,
+                          self.has_cls_token)
     # A^[., n, j] = sum_t top_coef[., n, t] basis[j, top_index[., n, t]]: basis_topk gathered
     # rows of basis^T instead of a product with the (mostly zero) dense coefficients. The
     # barrier keeps XLA (CPU) from rewriting top_k + per-column slices into a full sort.
@@ -351,12 +412,19 @@ class SparsifinerAttention(nn.Module):
       from ``deterministic``.
     has_cls_token: token 0 is a CLS token: its query row is dense and it is not a predictor
       query. False: every row is predicted.
-    path: 'gather' (k keys per query, O(N k d)) or 'masked' (official dense-then-mask). Same
-      result.
+    path: 'gather' (k keys per query, O(N k d)) or 'masked' (official dense-then-mask), the same
+      result; or 'block' (ours, ``docs/sparsifiner.md``, "The block path"): the predictor scores
+      key blocks of ``block_size`` tokens per query block from block-averaged factors (no
+      [N, N] array), each query block keeps its own block and the best others, ceil(keep_rate *
+      NB) of the NB blocks in all, and attends to all real keys of those blocks; the CLS row is
+      dense. Recon mode (mode A) is the same on every path.
+    block_size: tokens per block of the 'block' path (64).
     token_keep_rate: EViT-style token pruning when < 1 (needs has_cls_token): sows
       ``token_keep_mask`` [B, N] keeping ceil(token_keep_rate * (N - 1)) patches.
     dtype: computation dtype (the predictor and the softmax run in float32);
     param_dtype: parameter dtype.
+    kernel_init: the q/k/v/proj kernel initializer (None: xavier-uniform, LRA's; the vision
+      models pass timm's trunc-normal(0.02)); the predictor keeps its trunc-normal(0.02).
 
   Call: ``x`` [batch, length, features], ``mask`` bool [batch, length] (True = real token),
   ``deterministic`` (False enables attention dropout, rng stream 'dropout') ->
@@ -383,19 +451,29 @@ class SparsifinerAttention(nn.Module):
   recon_mode: bool = False
   has_cls_token: bool = True
   path: str = "gather"
+  block_size: int = 64
   token_keep_rate: float = 1.0
   dtype: base.Dtype = jnp.float32
   param_dtype: base.Dtype = jnp.float32
+  kernel_init: base.Initializer | None = None
 
   @classmethod
   def sized_for(cls, length: int, *, grid: tuple[int, int] | None = None,
-                cls_token: bool | None = None, sr_ratio: int | None = None) -> dict[str, Any]:
+                cls_token: bool | None = None, sr_ratio: int | None = None,
+                budget: Any = None) -> dict[str, Any]:
     """Settings for ``length`` tokens (see ``clustr_jax.attention.sized_for``), keep rate 0.25.
 
     An image grid: the released configuration, n_down = N // 6 and c = d // 2 (for short
     sequences, N < 48, a smaller factor keeps n_down >= basis_topk = 8), the CLS row as stated
     by ``cls_token``. A 1-D sequence (LRA): n_down = N // (N // 32) ~ 32, so the predictor's
     [N, n_down] projections stay small at long N.
+
+    With a ``budget`` (``clustr_jax.attention.Budget``, LRA's comparison): no q/k/v biases (the
+    dense baseline has none; the output projection keeps the official bias), and n_down lowered
+    until the added parameters, per layer 2 (d c + c) + 2 N n_down + C, fit
+    ``budget.extra_parameters``, but not below basis_topk = 8, the method's smallest n_down.
+    At that floor the per-layer token-axis projections may still exceed the budget (the
+    32-wide Pathfinder model): ``configs/lra/common.py`` then states the overhead.
     """
     del sr_ratio
     if grid is None:
@@ -405,6 +483,18 @@ class SparsifinerAttention(nn.Module):
       settings = {"keep_rate": 0.25, "reduce_n_factor": factor, "reduce_c_factor": 2}
     if cls_token is not None:
       settings["has_cls_token"] = cls_token
+    if budget is not None:
+      settings["use_bias"] = False
+      head_dim = budget.qkv_features // budget.num_heads
+      c = max(1, head_dim // settings.get("reduce_c_factor", cls.reduce_c_factor))
+      fixed = 2 * (head_dim * c + c) + budget.features
+      n_fit = (budget.extra_parameters - fixed) // (2 * length)
+      factor, floor = settings["reduce_n_factor"], cls.basis_topk
+      while length // factor > max(n_fit, floor):
+        factor += 1
+      if length // factor < min(floor, length):
+        factor = max(1, length // floor)
+      settings["reduce_n_factor"] = factor
     return settings
 
   def _sizes(self, length: int, head_dim: int) -> tuple[int, int, int, int]:
@@ -418,6 +508,8 @@ class SparsifinerAttention(nn.Module):
     if self.predictor_scale not in _SCALES:
       raise ValueError(f"{_NAME}: unknown predictor_scale {self.predictor_scale!r}; valid "
                        f"choices: {', '.join(_SCALES)}")
+    if self.path == "block" and self.block_size < 1:
+      raise ValueError(f"{_NAME}: block_size must be >= 1; got {self.block_size}")
     if self.has_cls_token and length < 2:
       raise ValueError(f"{_NAME}: has_cls_token=True needs length >= 2; got {length}")
     if self.token_keep_rate < 1.0 and not self.has_cls_token:
@@ -448,14 +540,16 @@ class SparsifinerAttention(nn.Module):
     _, head_dim = base.head_dims(features, self.qkv_features, self.num_heads, _NAME)
     k_att, n_down, c, token_budget = self._sizes(length, head_dim)
     proj = lambda name: base.HeadProjection(  # noqa: E731
-        self.num_heads, head_dim, self.use_bias, self.dtype, self.param_dtype, name=name)
+        self.num_heads, head_dim, self.use_bias, self.dtype, self.param_dtype,
+        kernel_init=self.kernel_init, name=name)
     q, k, v = proj("query")(x), proj("key")(x), proj("value")(x)   # [B, N, H, d]
     q = nn.with_logical_constraint(q, ("batch", "length", "heads", "kv"))
 
     approx = MaskPredictor(
         self.num_heads, c, n_down, self.reduce_n_factor, self.predictor_scale,
         self.basis_threshold, self.basis_topk, self.recon_mode, self.has_cls_token,
-        self.param_dtype, name="mask_predictor")(q, k, valid)    # [B, H, Nq, N] float32
+        self.block_size if self.path == "block" else None, self.param_dtype,
+        name="mask_predictor")(q, k, valid)   # [B, H, Nq, N] (block path: [B, H, NB, NB])
     self.sow("intermediates", "approx_attn", approx)
     scale = head_dim ** -0.5
     drop = lambda w: base.attention_dropout(w, self.dropout_rate, deterministic)  # noqa: E731
@@ -467,6 +561,8 @@ class SparsifinerAttention(nn.Module):
       self.sow("intermediates", "unmasked_attn", weights)
       out = jnp.einsum("bhqk,bkhd->bqhd", drop(weights).astype(v.dtype), v)
       cls_weights = None
+    elif self.path == "block":
+      out, cls_weights = self._block(q, k, v, valid, approx, scale, drop)
     else:
       # Mode B: each predicted row keeps its top-k columns of A^; padded keys are never chosen,
       # and surplus slots (fewer real keys than k) are masked.
@@ -492,7 +588,8 @@ class SparsifinerAttention(nn.Module):
       self.sow("intermediates", "token_keep_mask", keep)
 
     return base.OutputProjection(
-        self.out_features or features, True, self.dtype, self.param_dtype, name="proj")(out)
+        self.out_features or features, True, self.dtype, self.param_dtype,
+        kernel_init=self.kernel_init, name="proj")(out)
 
   def _masked(self, q, k, v, valid, selected, selected_valid, scale, drop):
     """Official dense-then-mask attention. Returns (out [B, N, H, d], CLS-row weights or None)."""
@@ -510,6 +607,46 @@ class SparsifinerAttention(nn.Module):
     weights = _safe_softmax(logits, allowed)
     out = jnp.einsum("bhqk,bkhd->bqhd", drop(weights).astype(v.dtype), v)
     return out, weights[:, :, 0] if self.has_cls_token else None
+
+  def _block(self, q, k, v, valid, scores, scale, drop):
+    """Block path: per query block, its own key block and the best others by ``scores``
+    [B, H, NB, NB]. Returns (out [B, N, H, d], CLS-row weights or None)."""
+    batch, length, heads, head_dim = q.shape
+    size = self.block_size
+    num_blocks = scores.shape[-1]
+    pad = num_blocks * size - length
+    kept = min(num_blocks, max(1, math.ceil(self.keep_rate * num_blocks)))
+    token_valid = jnp.pad(valid, ((0, 0), (0, pad))).reshape(batch, num_blocks, size)
+    block_valid = token_valid.any(-1)                                        # [B, NB]
+    score = jnp.where(block_valid[:, None, None, :], scores, -jnp.inf)
+    score = jnp.where(jnp.eye(num_blocks, dtype=bool), jnp.inf, score)      # own block always
+    _, chosen = jax.lax.top_k(jax.lax.stop_gradient(score), kept)          # [B, H, NB, kept]
+    chosen_valid = jax.vmap(lambda m, i: m[i])(block_valid, chosen)        # [B, H, NB, kept]
+    self.sow("intermediates", "attn_blocks",
+             jnp.where(chosen_valid, chosen, -1).astype(jnp.int32))
+
+    def blocks(t):                                                 # [B, N, H, d] -> blocks
+      t = jnp.pad(t.transpose(0, 2, 1, 3), ((0, 0), (0, 0), (0, pad), (0, 0)))
+      return t.reshape(batch, heads, num_blocks, size, head_dim)   # [B, H, NB, bs, d]
+
+    gather = jax.vmap(jax.vmap(lambda t, i: t[i]))                 # per batch and head
+    qb, kb, vb = blocks(q), blocks(k), blocks(v)
+    kg = gather(kb, chosen).reshape(batch, heads, num_blocks, kept * size, head_dim)
+    vg = gather(vb, chosen).reshape(batch, heads, num_blocks, kept * size, head_dim)
+    key_ok = jax.vmap(lambda m, i: m[i])(token_valid, chosen)      # [B, H, NB, kept, bs]
+    key_ok = (key_ok & chosen_valid[..., None]).reshape(batch, heads, num_blocks, 1, kept * size)
+    logits = jnp.einsum("bhnsd,bhntd->bhnst", qb, kg).astype(jnp.float32) * scale
+    weights = _safe_softmax(logits, key_ok)                        # [B, H, NB, bs, kept bs]
+    out = jnp.einsum("bhnst,bhntd->bhnsd", drop(weights).astype(v.dtype), vg)
+    out = out.reshape(batch, heads, num_blocks * size, head_dim)[:, :, :length]
+    cls_weights = None
+    if self.has_cls_token:                                         # the dense CLS row
+      qh, kh, vh = (t.transpose(0, 2, 1, 3) for t in (q, k, v))
+      cls_logits = jnp.einsum("bhd,bhnd->bhn", qh[:, :, 0], kh).astype(jnp.float32) * scale
+      cls_weights = _safe_softmax(cls_logits, valid[:, None, :])   # [B, H, N]
+      cls_out = jnp.einsum("bhn,bhnd->bhd", drop(cls_weights).astype(v.dtype), vh)
+      out = out.at[:, :, 0].set(cls_out)
+    return out.transpose(0, 2, 1, 3), cls_weights
 
   def _gather(self, q, k, v, valid, selected, selected_valid, scale, drop, dropout_active):
     """Only the k selected keys per predicted row; the CLS row dense. Same result as _masked.

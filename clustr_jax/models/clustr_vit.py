@@ -30,10 +30,10 @@ rates are linear from 0 to drop_path_rate over all blocks of all stages together
 counts (N_i // sr_i^2, 4 N_i // sr_i^2) follow from the actual token count, so any input side
 divisible by 32 works (224: 49 and 196 clusters in every ClusTR stage).
 
-Initialisation as the official ``_init_weights``: Linear trunc-normal(0.02), zero bias; LayerNorm
-1 / 0; Conv normal(0, sqrt(2 / fan_out)), fan_out = k k out_channels / groups, zero bias. The
-attention modules keep their own initialisation (``clustr_jax/attention``: xavier-uniform q/kv/
-proj, normal(0.02) weight_layer), a documented difference that does not touch converted models.
+Initialisation as the official ``_init_weights``: every Linear trunc-normal(0.02), zero bias, the
+attention's q/kv1/kv2/proj (each mechanism's ``kernel_init``, set by ``vit.build_attention``) and
+weight_layer included; LayerNorm 1 / 0; Conv normal(0, sqrt(2 / fan_out)), fan_out = k k
+out_channels / groups, zero bias (``docs/vision.md``, "Initialisation").
 
 Parameter names mirror the official keys (``clustr_jax.convert``): patch_embed{i}/{proj, norm},
 block{i}_{j}/{norm1, attn, norm2, mlp/{fc1, dwconv, fc2}}, norm{i}, head; ClusTR attention
@@ -148,7 +148,8 @@ class ClusTR(nn.Module):
       dim = self.embed_dims[i]
       kernel, stride = (7, 4) if i == 0 else (3, 2)
       tokens, size = vit.PatchEmbed(dim, kernel, stride, kernel // 2, 1e-5, self.dtype,
-                                    vit.conv_init(kernel, dim), name=f"patch_embed{i + 1}")(x)
+                                    vit.conv_init(kernel, dim), nn.initializers.zeros_init(),
+                                    name=f"patch_embed{i + 1}")(x)
       grid = size
       if self.attention_size is not None:
         grid = tuple(-(-s // (4 * 2 ** i)) for s in self.attention_size)  # ceil(H / stride).

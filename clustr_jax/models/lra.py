@@ -15,10 +15,20 @@ Source: LRA ``lra_benchmarks/models/transformer/transformer.py`` and
 ``models/layers/common_layers.py`` (google-research/long-range-arena @ cd31e5c6), as summarised in
 ``docs/lra.md``, "The model and its quirks": LayerNorm eps 1e-6, no attention biases, xavier-uniform
 kernels, MLP biases normal(1e-6), tanh-approximate GELU (``jax.nn.gelu``'s default), padding mask
-``inputs > 0``. Differences from the official code, each a documented choice:
-  * MEAN pooling averages real tokens only (LRA averages over padding too); CLS pooling is the same.
+``inputs > 0``. Padding (``docs/lra.md``, "Padding semantics"):
+  * ``lra_padding=True`` (the faithful configs) is LRA's computation: LRA masks queries as well
+    as keys (``make_padding_mask``: a -1e10 bias on every logit of a padded query, whose softmax
+    is then uniform over all keys, padded ones included), so a padded token's attention output
+    is the output projection of the mean value over all positions; here it is the mechanism's
+    output for a sequence whose every token is the mean of the block's (normalised) input over
+    all positions, which for dense attention (no biases, values linear) is exactly LRA's, and
+    for every mechanism what it gives a query attending uniformly. MEAN pooling then averages
+    every position, padding included, as LRA's ``classifier_head``.
+  * ``lra_padding=False``: the attention contract (a padded token never changes a real token;
+    its own output is unspecified) and MEAN pooling over real tokens only.
   * The CLS token is always a real token unless ``cls_mask_from_first_token`` (LRA's quirk: the
-    CLS token takes the first input token's mask) is set.
+    CLS token takes the first input token's mask) is set; with ``lra_padding`` a padded CLS token
+    is then a padded query too, LRA's quirk in full.
   * Token id 0 is padding (masked out of attention and MEAN pooling) unless ``zero_is_padding``
     is False. LRA masks id 0 for images too, so its black pixels are never attended (its quirk,
     on in the faithful Image / Pathfinder configs); False attends every token.
@@ -87,6 +97,7 @@ class EncoderBlock(nn.Module):
   dropout_rate: float
   attention_dropout_rate: float
   dtype: Dtype = jnp.float32
+  lra_padding: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array, *, deterministic: bool) -> jax.Array:
@@ -95,10 +106,24 @@ class EncoderBlock(nn.Module):
         scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",)),
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",)))
     y = ln("ln_attention")(x)
-    y = self.attention_cls(
+    attention = self.attention_cls(
         num_heads=self.num_heads, qkv_features=self.qkv_dim, out_features=x.shape[-1],
         dropout_rate=self.attention_dropout_rate, dtype=self.dtype, name="attention",
-        **self.attention_kwargs)(y, mask, deterministic=deterministic)
+        **self.attention_kwargs)
+    out = attention(y, mask, deterministic=deterministic)
+    if self.lra_padding:
+      # LRA: a padded query attends uniformly to every position (module docstring). A functional
+      # call with the same parameters, so that what the mechanism sows (e.g. CAST's coverage)
+      # describes the real sequence only.
+      mean = jnp.broadcast_to(jnp.mean(y, axis=1, keepdims=True), y.shape)
+      rngs = {} if deterministic else {
+          stream: self.make_rng(stream) for stream in ("dropout", "clustering")
+          if self.has_rng(stream)}
+      uniform = attention.clone(parent=None, name=None).apply(
+          {"params": attention.variables["params"]}, mean, None, deterministic=deterministic,
+          rngs=rngs)
+      out = jnp.where(mask[..., None], out, uniform)
+    y = out
     x = x + nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
     x = nn.with_logical_constraint(x, ("batch", "length", "activation_embed"))
     y = MlpBlock(self.mlp_dim, self.dropout_rate, self.dtype, name="mlp")(
@@ -129,6 +154,7 @@ class TransformerEncoder(nn.Module):
   attention_kwargs: Mapping[str, Any] | None = None
   cls_mask_from_first_token: bool = False
   zero_is_padding: bool = True
+  lra_padding: bool = False
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -164,8 +190,8 @@ class TransformerEncoder(nn.Module):
     for i in range(self.num_layers):
       x = EncoderBlock(attention_cls, dict(self.attention_kwargs or {}), self.num_heads,
                        self.qkv_dim, self.mlp_dim, self.dropout_rate,
-                       self.attention_dropout_rate, self.dtype, name=f"block_{i}")(
-                           x, mask, deterministic=not train)
+                       self.attention_dropout_rate, self.dtype, self.lra_padding,
+                       name=f"block_{i}")(x, mask, deterministic=not train)
     x = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="encoder_norm",
                      scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(),
                                                              ("embed",)),
@@ -174,11 +200,14 @@ class TransformerEncoder(nn.Module):
     return x, mask
 
 
-def pool(x: jax.Array, mask: jax.Array, pooling: str) -> jax.Array:
-  """[batch, length, emb_dim] -> [batch, emb_dim] float32 by CLS token (index 0) or masked mean."""
+def pool(x: jax.Array, mask: jax.Array, pooling: str, lra_padding: bool = False) -> jax.Array:
+  """[batch, length, emb_dim] -> [batch, emb_dim] float32 by CLS token (index 0) or mean: over
+  real tokens (``mask``), or with ``lra_padding`` over every position (LRA's ``jnp.mean``)."""
   x = x.astype(jnp.float32)
   if pooling == "CLS":
     return x[:, 0]
+  if lra_padding:
+    return jnp.mean(x, axis=1)
   weights = mask.astype(jnp.float32)[..., None]
   return (x * weights).sum(axis=1) / jnp.maximum(weights.sum(axis=1), 1.0)
 
@@ -197,6 +226,8 @@ class LRAEncoder(TransformerEncoder):
     attention: registry name of the attention mechanism; attention_kwargs: its own options.
     cls_mask_from_first_token: LRA's quirk (the CLS token takes token 0's padding mask).
     zero_is_padding: token id 0 is padding (LRA, also for image pixels); False: no padding.
+    lra_padding: LRA's padding computation: padded queries attend uniformly to every position,
+      MEAN pooling over every position (module docstring); False: the attention contract.
     dtype: computation dtype (parameters stay float32).
 
   Call: inputs int32 [batch, max_length] (0 = padding), ``train`` bool -> logits float32
@@ -208,7 +239,7 @@ class LRAEncoder(TransformerEncoder):
   @nn.compact
   def __call__(self, inputs: jax.Array, *, train: bool = False) -> jax.Array:
     x, mask = TransformerEncoder(**_encoder_fields(self), name="encoder")(inputs, train=train)
-    x = pool(x, mask, self.pooling)
+    x = pool(x, mask, self.pooling, self.lra_padding)
     x = nn.relu(_head_dense(self.mlp_dim, ("embed", "mlp"), "head_hidden")(x))
     return _head_dense(self.num_classes, ("mlp", "classes"), "head")(x)
 
@@ -252,8 +283,8 @@ class LRADualEncoder(TransformerEncoder):
       raise ValueError(f"LRADualEncoder: interaction must be None or 'NLI'; got "
                        f"{self.interaction!r}")
     encoder = TransformerEncoder(**_encoder_fields(self), name="encoder")
-    e1 = pool(*encoder(inputs1, train=train), self.pooling)
-    e2 = pool(*encoder(inputs2, train=train), self.pooling)
+    e1 = pool(*encoder(inputs1, train=train), self.pooling, self.lra_padding)
+    e2 = pool(*encoder(inputs2, train=train), self.pooling, self.lra_padding)
     parts = [e1, e2] if self.interaction is None else [e1, e2, e1 * e2, e1 - e2]
     x = jnp.concatenate(parts, axis=-1)
     x = nn.relu(_head_dense(self.mlp_dim, (None, "mlp"), "head_hidden")(x))

@@ -20,10 +20,13 @@ blocks_{i}/{norm1, attn, norm2, mlp/fc1, mlp/fc2}, norm, head. The attention's o
 those of the registry module (dense: query/key/value/out; sparsifiner: query/key/value/proj and
 mask_predictor; see ``clustr_jax/attention``).
 
-Where we differ from timm: the attention projections keep the attention modules' own
-initialisation (xavier-uniform, zero biases; the codebase default) instead of trunc-normal(0.02);
-the patch-embedding conv is lecun-normal (PyTorch's default Conv2d init is a kaiming-uniform
-variant of the same fan-in scale). Neither changes a converted model.
+Initialisation for training from scratch (``docs/vision.md``, "Initialisation"), as timm's
+``_init_weights``: every Linear, the attention projections included (each mechanism's
+``kernel_init`` field, ``build_attention``), trunc-normal(0.02) with zero bias; LayerNorm 1 / 0;
+cls_token and pos_embed trunc-normal(0.02); the patch-embedding conv, which timm leaves alone,
+PyTorch's Conv2d default (kaiming-uniform with a = sqrt(5): U(+-1 / sqrt(fan_in)) for the kernel
+and the bias). A mechanism's own parameters (Sparsifiner's predictor, CAST's surrogates) keep
+their initialisation. None of this changes a converted model.
 
 Sown into 'intermediates' besides the attention modules' own tensors (e.g. Sparsifiner's
 'approx_attn', 'unmasked_attn', 'attn_mask' under blocks_{i}/attn): 'features', the final-
@@ -43,11 +46,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from clustr_jax import attention as attention_lib
+from clustr_jax.attention import base as attention_base
 
 Dtype = Any
 
 #: timm's trunc_normal_(std=.02) cuts at +-2 in absolute value, i.e. +-100 standard deviations.
-trunc_normal_02 = nn.initializers.truncated_normal(stddev=0.02, lower=-100.0, upper=100.0)
+trunc_normal_02 = attention_base.trunc_normal_02
 
 #: The official ViT/DeiT and ClusTR blocks use exact (erf) GELU, PyTorch's default.
 def gelu(x: jax.Array) -> jax.Array:
@@ -104,8 +108,9 @@ def build_attention(name: str, options: Mapping[str, Any], *, num_heads: int, fe
   """An attention module of the registry for a width-``features`` vision block.
 
   ``qkv_bias`` goes to the module's ``use_bias`` (for 'dense' only to q/k/v: its output
-  projection always has a bias, as the official ``proj``); ``options`` are the mechanism's own
-  fields and override everything else.
+  projection always has a bias, as the official ``proj``); a mechanism with a ``kernel_init``
+  field gets trunc-normal(0.02) (timm's and ClusTR's ``_init_weights`` for every Linear);
+  ``options`` are the mechanism's own fields and override everything else.
 
   Raises:
     ValueError: unknown attention name, an option the module does not have, or a required
@@ -119,6 +124,8 @@ def build_attention(name: str, options: Mapping[str, Any], *, num_heads: int, fe
     kwargs["use_bias"] = qkv_bias
   if "out_bias" in fields:
     kwargs["out_bias"] = True
+  if "kernel_init" in fields:
+    kwargs["kernel_init"] = trunc_normal_02
   unknown = sorted(set(options) - set(fields))
   if unknown:
     raise ValueError(f"attention {name!r} has no option(s) {unknown}; valid: {sorted(fields)}")
@@ -141,6 +148,8 @@ class PatchEmbed(nn.Module):
   Call: x [B, H, W, C_in] -> (tokens [B, H' W', features] in ``dtype``, (H', W')) with
   H' = (H + 2p - k) // s + 1. Parameters: proj {kernel [k, k, C_in, features], bias
   [features]} (the official weight (O, I, k, k) transposed to (k, k, I, O)), norm {scale, bias}.
+  Initialisation: ``kernel_init`` and ``bias_init``; None gives PyTorch's Conv2d default,
+  U(+-1 / sqrt(fan_in)) with fan_in = k k C_in for both (timm's ViT leaves its conv so).
   """
   features: int
   kernel: int
@@ -148,17 +157,21 @@ class PatchEmbed(nn.Module):
   padding: int
   norm_eps: float | None
   dtype: Dtype = jnp.float32
-  kernel_init: Callable[..., jax.Array] = nn.initializers.lecun_normal()
+  kernel_init: Callable[..., jax.Array] | None = None
+  bias_init: Callable[..., jax.Array] | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array) -> tuple[jax.Array, tuple[int, int]]:
     pad = self.padding
+    bound = 1.0 / math.sqrt(self.kernel * self.kernel * x.shape[-1])  # PyTorch: 1 / sqrt(fan_in)
+    kernel_init = self.kernel_init or nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
+    bias_init = self.bias_init or (
+        lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound))
     x = nn.Conv(
         self.features, (self.kernel, self.kernel), strides=self.stride,
         padding=((pad, pad), (pad, pad)), dtype=self.dtype, name="proj",
-        kernel_init=nn.with_logical_partitioning(self.kernel_init, (None, None, None, "embed")),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",)))(
-            x.astype(self.dtype))
+        kernel_init=nn.with_logical_partitioning(kernel_init, (None, None, None, "embed")),
+        bias_init=nn.with_logical_partitioning(bias_init, ("embed",)))(x.astype(self.dtype))
     batch, height, width, _ = x.shape
     x = x.reshape(batch, height * width, self.features)
     if self.norm_eps is not None:

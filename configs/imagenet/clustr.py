@@ -24,8 +24,7 @@ Args: model=clustr_t|clustr_s|clustr_b, cpu, steps, data_dir, source=folder|tfds
       --workdir=workdir/clustr_t_cpu
 """
 
-from configs import common
-from configs import default
+from configs import common, default
 from configs.imagenet import common as recipes
 
 #: Per-variant drop path and gradient clipping (``configs/ClusTR/ClusTR_b{1,2,3}.py``).

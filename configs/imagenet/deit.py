@@ -25,8 +25,7 @@ steps (CPU steps), data_dir, source=folder|tfds.
       --workdir=workdir/deit_ti_cpu_cast
 """
 
-from configs import common
-from configs import default
+from configs import common, default
 from configs.imagenet import common as recipes
 
 

@@ -8,13 +8,16 @@ and norms without); model EMA 0.9999; DeiT preprocessing; drop path 0; keep rate
 n_down = N // 6, c = d // 2.
 
   stage=recon    (attn_recon, 5 epochs) only the connectivity predictors train, attention mode A,
-                 loss 0.01 * L_recon; lr timm cosine 3e-4 -> 2e-4, 3 warmup epochs from 0.
+                 loss 0.01 * L_recon; lr 3e-4 -> 2e-4, 3 warmup epochs from 0.
                  ``init_checkpoint``: the dense DeiT-S (e.g. converted with clustr_jax.convert).
   stage=distill  (cls_distill, 45 epochs) only the backbone trains, attention mode B, loss
-                 CE + 0.5 KL(teacher || student) + 0.5 token MSE; lr cosine 8e-5 -> 2e-6, 3
+                 CE + 0.5 KL(teacher || student) + 0.5 token MSE; lr 8e-5 -> 2e-6, 3
                  warmup epochs from 0. ``init_checkpoint``: stage 1's checkpoints;
                  ``teacher_checkpoint``: the dense DeiT-S.
-See ``clustr_jax/distill.py`` for the losses, freezing and EMA.
+Both stages use the official schedule, ``utils.cosine_scheduler`` per iteration
+(``schedule='warmup_cosine'``: a linear warm-up, then the cosine over the remaining steps; timm's
+cosine would count the warm-up inside the cosine). See ``clustr_jax/distill.py`` for the losses,
+freezing and EMA.
 
 ``cpu``: the same two stages on DeiT-Ti with Sparsifiner attention at 64 x 64 px, 16 x 16 patches
 (17 tokens) on an Imagenette sample (``data_dir``),
@@ -37,8 +40,7 @@ source=folder|tfds, ema (bool; full runs only).
 
 import ml_collections
 
-from configs import common
-from configs import default
+from configs import common, default
 from configs.imagenet import common as recipes
 
 #: (epochs, warmup epochs, peak lr, final lr) of each stage (the released INDICATOR and yaml).
@@ -69,6 +71,7 @@ def get_config(arg=None):
   steps = recipes.steps_per_epoch(config.batch_size)
   recipes.timm_optimizer(config, base_lr=peak_lr, epochs=epochs, warmup_epochs=warmup_epochs,
                          cooldown_epochs=0, steps=steps, min_lr=final_lr, warmup_init_lr=0.0)
+  config.schedule = "warmup_cosine"  # Sparsifiner's utils.cosine_scheduler, not timm's.
   config.ema_decay = 0.9999 if arg.ema else None
 
   init = arg.init_checkpoint or (CPU_DEFAULTS[arg.stage] if arg.cpu else "")

@@ -3,7 +3,8 @@ r"""LRA ListOps: the official LRA Transformer settings, and a CPU-sized variant.
 Official (``lra_benchmarks/listops/configs/{base_listops_config,transformer_base}.py``, see
 ``docs/lra.md``): 4 layers, emb 512, 8 heads, qkv 512, MLP 1024, sinusoidal
 positions, CLS pooling, dropout 0.1/0.1, length 2,000, batch 32, 5,000 steps, Adam(0.9, 0.98,
-1e-9), lr 0.05 * linear_warmup(1,000) * rsqrt_decay, weight decay 0.1, eval every 50 steps.
+1e-9), lr 0.05 * linear_warmup(1,000) * rsqrt_decay, weight decay 0.1, eval every 50 steps;
+LRA's padding computation (``model.lra_padding``, the CLS token taking the first token's mask).
 LRA's Transformer reaches 36.37% test accuracy.
 
 ``cpu`` (the main job's default: 5-7 minutes on 2 CPU cores including data generation, test
@@ -39,7 +40,8 @@ def get_config(arg=None):
       model=dict(
           name="lra_encoder", emb_dim=512, num_heads=8, qkv_dim=512, mlp_dim=1024, num_layers=4,
           dropout_rate=0.1, attention_dropout_rate=0.1, pooling="CLS",
-          learned_position_embedding=False, cls_mask_from_first_token=False, dtype="float32",
+          learned_position_embedding=False, cls_mask_from_first_token=not arg.cpu,
+          lra_padding=not arg.cpu, dtype="float32",
           attention=arg.attention),
       batch_size=32, num_train_steps=5_000, learning_rate=0.05,
       schedule="constant*linear_warmup*rsqrt_decay", warmup_steps=1_000, weight_decay=0.1,

@@ -49,6 +49,7 @@ def get_config(arg=None):
           name="lra_encoder", emb_dim=32, num_heads=4, qkv_dim=16, mlp_dim=32, num_layers=4,
           dropout_rate=0.2, attention_dropout_rate=0.1, pooling="MEAN",
           learned_position_embedding=False, cls_mask_from_first_token=False, zero_is_padding=True,
+          lra_padding=not arg.cpu,
           dtype="float32", attention=arg.attention),
       batch_size=512, num_train_steps=62_400, learning_rate=1e-3,
       schedule="constant*linear_warmup*cosine_decay", warmup_steps=312, weight_decay=0.0,

@@ -44,6 +44,7 @@ def get_config(arg=None):
           name="lra_encoder", emb_dim=32, num_heads=2, qkv_dim=16, mlp_dim=32, num_layers=1,
           dropout_rate=0.1, attention_dropout_rate=0.1, pooling="MEAN",
           learned_position_embedding=True, cls_mask_from_first_token=False, zero_is_padding=True,
+          lra_padding=not arg.cpu,
           dtype="float32", attention=arg.attention),
       batch_size=64, num_train_steps=500_000, learning_rate=1e-3,
       schedule="constant*linear_warmup*cosine_decay", warmup_steps=2_500, weight_decay=0.0,

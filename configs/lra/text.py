@@ -41,7 +41,8 @@ def get_config(arg=None):
           name="lra_encoder", emb_dim=256, num_heads=4, qkv_dim=256, mlp_dim=1024, num_layers=4,
           dropout_rate=0.1, attention_dropout_rate=0.1, pooling="CLS",
           learned_position_embedding=False, cls_mask_from_first_token=True,
-          zero_is_padding=True, dtype="float32", attention=arg.attention),
+          zero_is_padding=True, lra_padding=not arg.cpu,
+          dtype="float32", attention=arg.attention),
       batch_size=32, num_train_steps=20_000, learning_rate=0.05,
       schedule="constant*linear_warmup*rsqrt_decay", warmup_steps=8_000, weight_decay=0.1,
       eval_every_steps=100)

@@ -37,8 +37,7 @@ mechanism for stages 1-3> (default clustr; stage 4 is always full attention), cp
 import ml_collections
 
 from clustr_jax import attention as attention_lib
-from configs import common
-from configs import default
+from configs import common, default
 
 BACKBONES = ("clustr_t", "clustr_s", "clustr_b")
 DATASETS = ("ade20k", "camvid")

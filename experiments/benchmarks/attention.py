@@ -21,6 +21,8 @@ Mechanisms (the name's suffix is the scope):
   cast_satopk.layer/.proper     the same with SA Top-K ('argmax')
   sparsifiner_gather.layer      SparsifinerAttention mode B, keep rate 0.1, path 'gather'
   sparsifiner_masked.layer      the same, path 'masked' (the official dense-then-mask)
+  sparsifiner_block.layer       the same, path 'block' (ours: key blocks of 64 tokens chosen per
+                                query block from block-averaged predictor factors)
   sparsifiner.predictor         its connectivity predictor alone (q, k -> A^, forward)
   sparsifiner.topk              the top-k over A^'s N columns alone (forward)
 'layer' is the whole module (input and output projections included); 'proper' runs from the
@@ -35,6 +37,7 @@ output says so in the 'note' column).
   python experiments/benchmarks/attention.py --preset=targets_8192
   python experiments/benchmarks/attention.py --preset=targets_scaling
   python experiments/benchmarks/attention.py --preset=targets_short
+  python experiments/benchmarks/attention.py --preset=targets_block
   # The sweep (lengths 512 .. 65536, batch 1 and 8, float32 and bfloat16, 3 repetitions, a
   # mechanism stopped after a call over 3 s; about 30 min on 2 cores):
   python experiments/benchmarks/attention.py --preset=sweep
@@ -63,14 +66,12 @@ import sys
 import time
 from typing import Any, Callable
 
+import cpu_memory
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-import cpu_memory
-from clustr_jax.attention import cast
-from clustr_jax.attention import clustr
-from clustr_jax.attention import sparsifiner
+from clustr_jax.attention import cast, clustr, dense, sparsifiner
 from clustr_jax.attention.cast import CASTAttention
 from clustr_jax.attention.clustr import ClusTRAttention
 from clustr_jax.attention.dense import DenseAttention
@@ -134,14 +135,15 @@ def build_cases(mechanism: str, batch: int, length: int, heads: int, head_dim: i
   family, _, scope = mechanism.partition(".")
   cast_kwargs = {"num_clusters": CAST_CLUSTERS, "cluster_size": min(CAST_KAPPA, length)}
   sa = {"cast_topk": "top_k", "cast_satopk": "sa_top_k"}.get(family)
+  # cuDNN's fused kernel on a GPU where it applies, else the XLA path (docs/gpu_tpu.md).
+  platform = "cuda" if jax.default_backend() == "gpu" else "cpu"
+  fused = dense.choose_implementation(platform, dtype, head_dim, length) == "cudnn"
+  impl = "cudnn" if fused else "xla"
   if mechanism == "dense.layer":
-    impl = "cudnn" if jax.default_backend() == "gpu" else "xla"
     return _module_cases(mechanism, DenseAttention(heads, implementation=impl, dtype=dtype), x,
                          mask)
   if mechanism == "dense.proper":
-    impl = "cudnn" if jax.default_backend() == "gpu" else "xla"
-    fn = lambda q, k, v: jax.nn.dot_product_attention(  # noqa: E731
-        q, k, v, mask=mask[:, None, None, :], implementation=impl)
+    fn = lambda q, k, v: dense.attend(q, k, v, mask, implementation=impl)  # noqa: E731
     args = _qkv(batch, length, heads, head_dim, dtype)
     return [Case(mechanism, "fwd", jax.jit(fn), args),
             Case(mechanism, "fwd+bwd", jax.jit(_loss_grad(fn, (0, 1, 2))), args)]
@@ -177,6 +179,10 @@ def build_cases(mechanism: str, batch: int, length: int, heads: int, head_dim: i
       return [Case(mechanism, "fwd", predict, (params, q, k))]
     approx = predict(params, q, k)
     return [Case(mechanism, "fwd", jax.jit(lambda a: jax.lax.top_k(a, k_att)[1]), (approx,))]
+  if family == "sparsifiner_block":
+    module = SparsifinerAttention(heads, keep_rate=sparsifiner_keep_rate, dtype=dtype,
+                                  path="block", block_size=SPARSIFINER_BLOCK)
+    return _module_cases(mechanism, module, x, mask)
   if family == "sparsifiner_gather" or family == "sparsifiner_masked":
     module = SparsifinerAttention(heads, keep_rate=sparsifiner_keep_rate, dtype=dtype,
                                   path=family.split("_")[1])
@@ -189,8 +195,11 @@ def build_cases(mechanism: str, batch: int, length: int, heads: int, head_dim: i
 
 MECHANISMS = ("dense.layer", "dense.proper", "clustr.layer", "clustr.clustering",
               "cast_topk.layer", "cast_topk.proper", "cast_satopk.layer", "cast_satopk.proper",
-              "sparsifiner_gather.layer", "sparsifiner_masked.layer", "sparsifiner.predictor",
-              "sparsifiner.topk")
+              "sparsifiner_gather.layer", "sparsifiner_masked.layer", "sparsifiner_block.layer",
+              "sparsifiner.predictor", "sparsifiner.topk")
+
+#: Tokens per block of the Sparsifiner block path in these benchmarks (the module's default).
+SPARSIFINER_BLOCK = 64
 
 
 def compile_case(case: Case, max_memory_bytes: float) -> None:
@@ -381,6 +390,37 @@ def target_lines(rows: list[dict[str, Any]], info: dict[str, Any]) -> list[str]:
       r = ratio(dense, sp)
       lines.append(f"- Sparsifiner (gather, predictor included) {passes} at N={length}: "
                    f"{r:.2f}x dense's speed (target >= {goal:g}x): {status(r >= goal)}")
+  lines.extend(_block_target_lines(rows, ratio, status))
+  return lines
+
+
+def _block_target_lines(rows, ratio, status) -> list[str]:
+  """Sparsifiner's block path against the best dense layer of the run (the fastest dense.*
+  layer variant measured for the same length and passes) and its token-level gather path."""
+  lines = []
+  for length, passes, goal in ((1024, "fwd+bwd", 3.0), (4096, "fwd+bwd", 8.0),
+                               (1024, "fwd", 3.0)):
+    block = _find(rows, "sparsifiner_block.layer", passes, length)
+    dense = [r for r in rows if r["mechanism"].startswith("dense") and
+             r["mechanism"].endswith(".layer") and r["passes"] == passes and
+             r["length"] == length and r["batch"] == 1 and r["dtype"] == "float32" and
+             r.get("median_ms")]
+    if block and dense:
+      best = min(dense, key=lambda r: r["median_ms"])
+      gather = _find(rows, "sparsifiner_gather.layer", passes, length)
+      r = ratio(best, block)
+      extra = (f"; {ratio(gather, block):.1f}x the token-level gather path" if gather else "")
+      lines.append(f"- Sparsifiner block path (keep rate of the run, predictor included) "
+                   f"{passes} at N={length}: {r:.2f}x the best dense layer "
+                   f"({best['mechanism']}, {best['median_ms']:.1f} ms){extra} "
+                   f"(target >= {goal:g}x): {status(r >= goal)}")
+  block = _find(rows, "sparsifiner_block.layer", "fwd+bwd", 4096)
+  if block and block.get("memory_mib"):
+    heads = block["heads"]
+    square_mib = heads * 4096 * 4096 * 4 / 2 ** 20
+    lines.append(f"- Sparsifiner block path fwd+bwd compiled memory at N=4096: "
+                 f"{block['memory_mib']:.1f} MiB against one [H, N, N] float32 buffer "
+                 f"({square_mib:.0f} MiB): {status(block['memory_mib'] < square_mib)}")
   return lines
 
 
@@ -461,6 +501,11 @@ PRESETS = {
                                      "sparsifiner_masked.layer", "sparsifiner.predictor",
                                      "sparsifiner.topk", "clustr.layer", "clustr.clustering"],
                       "output": str(RESULTS / "attention_targets_short")},
+    # Sparsifiner's block path against dense and its token-level path at 1024 and 4096 tokens.
+    "targets_block": {"lengths": [1024, 4096], "batches": [1], "dtypes": ["float32"],
+                      "mechanisms": ["dense.layer", "sparsifiner_gather.layer",
+                                     "sparsifiner_block.layer"],
+                      "output": str(RESULTS / "attention_targets_block")},
     # The committed sweep ran as four invocations of these settings, one per dtype and batch
     # (--dtypes=float32 --batches=1 ... --output=.../attention_sweep_float32_b1, and so on, with
     # --max_memory_gb=10); this preset runs them in one and writes one file.

@@ -1,7 +1,7 @@
 """Loading a library module as it was at an earlier commit, for the A/B benchmark scripts here.
 
-Used by ``clustr_clustering_ab.py`` and ``cast_ab.py`` (with the writer of their outputs) (run them as scripts: this directory is
-then on ``sys.path``).
+Used by ``clustr_clustering_ab.py`` and ``cast_ab.py`` (with the writer of their outputs); run
+them as scripts, so that this directory is on ``sys.path``.
 """
 
 from __future__ import annotations

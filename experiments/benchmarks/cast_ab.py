@@ -21,11 +21,11 @@ import statistics
 import sys
 import time
 
+import cpu_memory
 import jax
 import jax.numpy as jnp
-
-import cpu_memory
 from baseline import REPO, load_baseline, write_ab_outputs
+
 from clustr_jax.attention import cast
 
 SOURCE = "clustr_jax/attention/cast.py"

@@ -21,8 +21,8 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-
 from baseline import REPO, load_baseline, write_ab_outputs
+
 from clustr_jax.attention import clustr
 
 SOURCE = "clustr_jax/attention/clustr.py"

@@ -41,10 +41,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from clustr_jax import attention
-from clustr_jax import models
-from clustr_jax.attention import cast
-from clustr_jax.attention import sparsifiner
+from clustr_jax import attention, models
+from clustr_jax.attention import cast, sparsifiner
 
 _HERE = pathlib.Path(__file__).resolve().parent
 _SPEC = importlib.util.spec_from_file_location("attention_benchmark", _HERE / "attention.py")

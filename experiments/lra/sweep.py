@@ -6,9 +6,11 @@ Each run is ``configs/lra/<task>.py:<variant>,attention=<name>`` trained by
 Then every ``<workdir>/*/*/results.json`` is gathered into
 
   <output>.md   LRA's Table 1 layout: LRA's published Transformer row (the official configs,
-                ``docs/lra.md``) beside our rows (one per mechanism), then one row per run with test and
-                validation accuracy, the test set's majority-class share (chance), steps, train
-                steps/s, parameters, wall time and the attention options;
+                ``docs/lra.md``) beside our rows (one per mechanism), then one row per run with
+                test and validation accuracy, the test set's majority-class share (chance),
+                steps, train steps/s, parameters, the parameter overhead over the dense encoder
+                of the same config (LRA allows +10 %; ``experiments/lra/parameters.py``), wall
+                time and the attention options;
   <output>.csv  the per-run rows, with LRA's published Transformer accuracy of the task;
   <output>.png  test accuracy against train steps/s, one marker per (task, mechanism).
 
@@ -34,10 +36,10 @@ import platform
 import jax
 import numpy as np
 
-from configs import common as config_common
+from clustr_jax import attention, train
 from clustr_jax import data as data_lib
-from clustr_jax import attention
-from clustr_jax import train
+from configs import common as config_common
+from configs.lra import common as lra_common
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 RESULTS = REPO / "experiments" / "lra" / "results"
@@ -81,6 +83,16 @@ def _without_data_dir(config: dict) -> dict:
   return {**config, "dataset": {k: v for k, v in config["dataset"].items() if k != "data_dir"}}
 
 
+def param_overhead(config, num_params: int) -> float:
+  """(num_params - dense) / dense, dense = the parameters of ``config``'s model with dense
+  attention (``configs/lra/common.py:dense_parameters``, the task's vocabulary and classes)."""
+  vocab_size, num_classes = lra_common.data_sizes(config.dataset.name)
+  dense = lra_common.dense_parameters(config.model, vocab_size=vocab_size,
+                                      num_classes=num_classes,
+                                      max_length=config.dataset.max_length)
+  return round((num_params - dense) / dense, 4)
+
+
 def gather(workdir: pathlib.Path, args: argparse.Namespace, variant: str) -> list[dict]:
   """One row per ``<workdir>/<task>/<mechanism>/results.json``, in TASKS then mechanism order.
 
@@ -107,6 +119,7 @@ def gather(workdir: pathlib.Path, args: argparse.Namespace, variant: str) -> lis
           "steps": results["step"],
           "train_steps_per_s": round(results["train_steps_per_s"] or 0.0, 2),
           "num_params": results["num_params"],
+          "param_overhead": param_overhead(config, results["num_params"]),
           "wall_time_s": round(results["wall_time_s"], 1),
           "lra_transformer_published": LRA_TRANSFORMER[task],
           "config_matches": _without_data_dir(expected) == _without_data_dir(results["config"]),
@@ -132,7 +145,9 @@ def import_csv(spec: str, workdir: pathlib.Path, args: argparse.Namespace,
           "test_accuracy": float(r["test_accuracy"]), "val_accuracy": float(r["val_accuracy"]),
           "chance": round(share, 4), "test_examples": size,
           "steps": int(r["steps"]), "train_steps_per_s": float(r["train_steps_per_s"]),
-          "num_params": int(r["num_params"]), "wall_time_s": float(r["wall_time_s"]),
+          "num_params": int(r["num_params"]),
+          "param_overhead": param_overhead(config, int(r["num_params"])),
+          "wall_time_s": float(r["wall_time_s"]),
           "lra_transformer_published": LRA_TRANSFORMER[task],
           "config_matches": int(r["steps"]) == config.num_train_steps,
           "attention_kwargs": r["attention_kwargs"], "source": f"imported from {path}"})
@@ -182,14 +197,15 @@ def write_table(rows: list[dict], output: pathlib.Path, variant: str, note: str 
       "Per run (steps/s exclude the first, compiling step, evaluation and checkpointing):",
       "",
       "| task | attention | test acc | val acc | chance | test n | steps | steps/s | params | "
-      "wall s | options |",
-      "|---|---|---|---|---|---|---|---|---|---|---|",
+      "params vs dense | wall s | options |",
+      "|---|---|---|---|---|---|---|---|---|---|---|---|",
   ]
   for r in rows:
     lines.append(
         f"| {TITLES[r['task']]} | {r['attention']} | {r['test_accuracy']:.4f} | "
         f"{r['val_accuracy']:.4f} | {r['chance']:.4f} | {r['test_examples']} | {r['steps']} | "
-        f"{r['train_steps_per_s']:.2f} | {r['num_params']:,} | {r['wall_time_s']:.0f} | "
+        f"{r['train_steps_per_s']:.2f} | {r['num_params']:,} | "
+        f"{100 * r['param_overhead']:+.1f} % | {r['wall_time_s']:.0f} | "
         f"`{r['attention_kwargs']}`{'' if r['config_matches'] else ' (config differs)'}"
         f"{' (imported)' if r['source'].startswith('imported') else ''} |")
   markdown = "\n".join(lines) + "\n"

@@ -14,7 +14,6 @@ Markdown and a JSON table to ``experiments/scale/results/``.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import pathlib
@@ -28,12 +27,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from clustr_jax import checkpointing
-from configs import common as config_common
+from clustr_jax import checkpointing, models, optim, train
 from clustr_jax import data as data_lib
-from clustr_jax import models
-from clustr_jax import optim
-from clustr_jax import train
+from configs import common as config_common
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 RESULTS = REPO / "experiments" / "scale" / "results"
@@ -43,7 +39,8 @@ def make_state(spec: str):
   """(train state, parameter count, a Grain iterator) for the model of config ``spec``."""
   config = config_common.load(f"{REPO}/configs/lra/listops.py{spec}")
   length = config.dataset.max_length
-  model = models.from_config(config.model, {"vocab_size": 18, "num_classes": 10, "max_length": length})
+  model = models.from_config(config.model,
+                             {"vocab_size": 18, "num_classes": 10, "max_length": length})
   tx, _ = optim.create_optimizer(config)
   state = jax.jit(lambda r, x: nn.unbox(train.create_train_state(model, tx, r, x)))(
       jax.random.key(0), jnp.zeros((1, length), jnp.int32))

@@ -20,16 +20,16 @@ import platform
 
 import jax
 
-from configs import common as config_common
 from clustr_jax import train
+from configs import common as config_common
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 RESULTS = REPO / "experiments" / "scale" / "results"
 
 
 def last_train_loss(workdir: pathlib.Path) -> float:
-  lines = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
-  return [l for l in lines if l["split"] == "train"][-1]["loss"]
+  records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  return [r for r in records if r["split"] == "train"][-1]["loss"]
 
 
 def main() -> None:

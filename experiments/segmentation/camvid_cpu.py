@@ -83,6 +83,7 @@ def plot(data_dir: str, workdir: str, steps: int) -> None:
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+
   from clustr_jax import distill, models  # pylint: disable=import-outside-toplevel
   from clustr_jax.data import camvid, segmentation  # pylint: disable=import-outside-toplevel
   config = _config("clustr", steps, data_dir)

@@ -40,8 +40,9 @@ import torch
 REPO = pathlib.Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tests"))
 
-from clustr_jax import convert  # noqa: E402  pylint: disable=wrong-import-position
 import test_convert  # noqa: E402  pylint: disable=wrong-import-position
+
+from clustr_jax import convert  # noqa: E402  pylint: disable=wrong-import-position
 
 _TIMM_STANDINS = {
     "timm/__init__.py": "",

@@ -28,9 +28,8 @@ import sys
 
 import jax
 
-from clustr_jax import attention
+from clustr_jax import attention, train
 from configs import common as config_common
-from clustr_jax import train
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 RESULTS = REPO / "experiments" / "vision" / "results"

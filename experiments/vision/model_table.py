@@ -4,15 +4,15 @@ For every model the script counts the parameters (``jax.eval_shape`` of ``init``
 cost analysis (``jax.jit(...).lower(...).cost_analysis()``, no compilation, nothing runs) for
 the FLOPs of one eval-mode forward pass of one 224x224 image. XLA counts a multiply-add as 2
 FLOPs and counts everything in the graph (for ClusTR: the DPC-kNN distance matrices and the
-attention products too, which the official mmcv count leaves out; ``docs/clustr.md``, "Cost"), so the table
-also gives GMAC = GFLOP / 2 next to the papers' "FLOPs" (which are MACs).
+attention products too, which the official mmcv count leaves out; ``docs/clustr.md``, "Cost"),
+so the table also gives GMAC = GFLOP / 2 next to the papers' "FLOPs" (which are MACs).
 
-The Sparsifiner section counts MHSA FLOPs as the paper's tables do (``docs/sparsifiner.md``, "Cost"; MACs
-of Q K^T and A V only): dense 2 N^2 C L; sparse L ((N - 1) k + N) 2C with k = ceil(rho N), plus
-the predictor overhead. The paper's overhead is not derived anywhere; its tables fit a constant
-of about 73.5 M, which we show next to our own count of the predictor's multiply-adds in mode B
-(q~ and k~ 2 N d c, K_down c N n_down, A_down (N - 1) c n_down, A^ (N - 1) topk N, per head and
-layer; the top-k selections are not MACs and are not counted).
+The Sparsifiner section counts MHSA FLOPs as the paper's tables do (``docs/sparsifiner.md``,
+"Cost"; MACs of Q K^T and A V only): dense 2 N^2 C L; sparse L ((N - 1) k + N) 2C with
+k = ceil(rho N), plus the predictor overhead. The paper's overhead is not derived anywhere; its
+tables fit a constant of about 73.5 M, which we show next to our own count of the predictor's
+multiply-adds in mode B (q~ and k~ 2 N d c, K_down c N n_down, A_down (N - 1) c n_down,
+A^ (N - 1) topk N, per head and layer; the top-k selections are not MACs and are not counted).
 
   python experiments/vision/model_table.py     # writes experiments/vision/results/model_table.*
 """
@@ -65,7 +65,8 @@ def count_and_flops(name: str, kwargs: dict) -> tuple[int, float]:
 def sparsifiner_mhsa(keep_rate: float, tokens: int = 197, width: int = 384, heads: int = 6,
                      layers: int = 12, reduce_n: int = 6, reduce_c: int = 2,
                      basis_topk: int = 8) -> dict[str, float]:
-  """MHSA MACs in millions (``docs/sparsifiner.md``, "Cost"): dense, sparse attention, our predictor count."""
+  """MHSA MACs in millions (``docs/sparsifiner.md``, "Cost"): dense, sparse attention, our
+  predictor count."""
   d = width // heads
   c, n_down = d // reduce_c, tokens // reduce_n
   k = math.ceil(keep_rate * tokens)

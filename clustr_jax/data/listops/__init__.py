@@ -15,13 +15,32 @@ setting such as ``MAX_TRIALS_WITHOUT_NEW`` is read by the module that defines it
 """
 
 from clustr_jax.data.listops.dataset import load_dataset
-from clustr_jax.data.listops.generator import (GENERATOR_VERSION, MAX_TRIALS_WITHOUT_NEW,
-                                               TREES_PER_DRAW, ensure_generated, evaluate,
-                                               generate)
-from clustr_jax.data.listops.release import (DIGITS, END, NUM_CLASSES, OOV_ID, OOV_TOKEN,
-                                             OPERATORS, PAD_ID, PAD_TOKEN, SPLITS, VOCAB,
-                                             VOCAB_SIZE, load_splits, read_tsv, split_paths,
-                                             tokenize, write_tsv)
+from clustr_jax.data.listops.generator import (
+                                               GENERATOR_VERSION,
+                                               MAX_TRIALS_WITHOUT_NEW,
+                                               TREES_PER_DRAW,
+                                               ensure_generated,
+                                               evaluate,
+                                               generate,
+)
+from clustr_jax.data.listops.release import (
+                                               DIGITS,
+                                               END,
+                                               NUM_CLASSES,
+                                               OOV_ID,
+                                               OOV_TOKEN,
+                                               OPERATORS,
+                                               PAD_ID,
+                                               PAD_TOKEN,
+                                               SPLITS,
+                                               VOCAB,
+                                               VOCAB_SIZE,
+                                               load_splits,
+                                               read_tsv,
+                                               split_paths,
+                                               tokenize,
+                                               write_tsv,
+)
 
 __all__ = [
     "DIGITS", "END", "GENERATOR_VERSION", "MAX_TRIALS_WITHOUT_NEW", "NUM_CLASSES", "OOV_ID",

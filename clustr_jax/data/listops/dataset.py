@@ -6,8 +6,7 @@ import pathlib
 
 from clustr_jax import data as data_lib
 from clustr_jax.data import generated
-from clustr_jax.data.listops import generator
-from clustr_jax.data.listops import release
+from clustr_jax.data.listops import generator, release
 
 
 def load_dataset(config, workdir: pathlib.Path) -> data_lib.ArrayDataset:

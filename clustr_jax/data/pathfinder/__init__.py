@@ -14,12 +14,24 @@ command line's ``main`` is in ``clustr_jax.data.pathfinder.__main__`` (not impor
 ``python -m`` runs it once).
 """
 
-from clustr_jax.data.pathfinder.dataset import (NUM_CLASSES, SPLIT_FRACTIONS, VOCAB_SIZE,
-                                                load_dataset, split)
-from clustr_jax.data.pathfinder.generator import (DIFFICULTIES, GENERATOR_VERSION,
-                                                  MAX_PAIR_ATTEMPTS, PathfinderParams,
-                                                  ensure_generated, generate, image_rng,
-                                                  lra_parameters, render_image)
+from clustr_jax.data.pathfinder.dataset import (
+                                                NUM_CLASSES,
+                                                SPLIT_FRACTIONS,
+                                                VOCAB_SIZE,
+                                                load_dataset,
+                                                split,
+)
+from clustr_jax.data.pathfinder.generator import (
+                                                DIFFICULTIES,
+                                                GENERATOR_VERSION,
+                                                MAX_PAIR_ATTEMPTS,
+                                                PathfinderParams,
+                                                ensure_generated,
+                                                generate,
+                                                image_rng,
+                                                lra_parameters,
+                                                render_image,
+)
 from clustr_jax.data.pathfinder.release import read_release
 
 __all__ = [

@@ -20,8 +20,7 @@ import numpy as np
 
 from clustr_jax import data as data_lib
 from clustr_jax.data import generated
-from clustr_jax.data.pathfinder import generator
-from clustr_jax.data.pathfinder import release
+from clustr_jax.data.pathfinder import generator, release
 
 NUM_CLASSES = 2
 VOCAB_SIZE = 256  # Pixel values are the token ids.

@@ -151,7 +151,8 @@ class PathfinderParams:
 
 
 def lra_parameters(resolution: int = 32, difficulty: str = "hard") -> PathfinderParams:
-  """LRA's parameters (``lra_benchmarks/data/pathfinder.py``; ``docs/lra.md``, "The Pathfinder generator").
+  """LRA's parameters (``lra_benchmarks/data/pathfinder.py``; ``docs/lra.md``, "The Pathfinder
+  generator").
 
   Args:
     resolution: 32 (Pathfinder), 64, 128 (Path-X) or 256.
