@@ -207,6 +207,8 @@ def warmup_cosine_schedule(base_learning_rate: float, warmup_steps: int, total_s
     warmup = warmup_init_lr + t * slope
     return jnp.where(t < warmup_steps, warmup, cosine)
 
+  return schedule
+
 
 def poly_schedule(base_learning_rate: float, num_steps: int, *, power: float = 0.9,
                   min_lr: float = 0.0, warmup_steps: int = 0) -> optax.Schedule:
