@@ -16,7 +16,6 @@ import pathlib
 
 import ml_collections
 import numpy as np
-from absl import logging
 
 from clustr_jax.data import segmentation
 
@@ -51,10 +50,5 @@ def load_dataset(config: ml_collections.ConfigDict, workdir: pathlib.Path
     ValueError: no ``data_dir``; FileNotFoundError: missing folders or pairs.
   """
   del workdir  # Read in place.
-  ds = config.dataset
-  root = segmentation.check_data_dir(ds, LAYOUT)
-  splits = {role: split_pairs(root, folder) for role, folder in dict(ds.splits).items()}
-  for role, pairs in splits.items():
-    logging.info("CamVid %s: %s, %d pairs", role, ds.splits[role], len(pairs))
-  return segmentation.SegmentationDataset(splits, LABEL_MAP, NUM_CLASSES,
-                                          segmentation.options_from(ds), ds.read_threads)
+  return segmentation.dataset_from_config(config.dataset, "CamVid", LAYOUT, split_pairs,
+                                          LABEL_MAP, NUM_CLASSES)

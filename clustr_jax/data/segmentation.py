@@ -36,11 +36,12 @@ import concurrent.futures
 import dataclasses
 import functools
 import pathlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import grain
 import numpy as np
+from absl import logging
 from PIL import Image
 
 #: The ignore label of the targets.
@@ -386,3 +387,20 @@ def check_data_dir(ds, layout: str) -> pathlib.Path:
     raise FileNotFoundError(f"config.dataset.data_dir={str(root)!r}: directory not found "
                             f"(expected {layout})")
   return root
+
+
+def dataset_from_config(ds, title: str, layout: str,
+                        split_pairs: Callable[[pathlib.Path, str], Sequence[Pair]],
+                        label_map: np.ndarray, num_classes: int) -> SegmentationDataset:
+  """A family's train-loop dataset from ``config.dataset`` (``ds``): ``data_dir`` (checked
+  against ``layout``), ``splits`` (role -> folder, listed by ``split_pairs(root, folder)``),
+  ``read_threads`` and the ``Options`` keys; ``title`` names the family in the log.
+
+  Raises:
+    ValueError: no ``data_dir``; FileNotFoundError: missing folders or pairs (named).
+  """
+  root = check_data_dir(ds, layout)
+  splits = {role: split_pairs(root, folder) for role, folder in dict(ds.splits).items()}
+  for role, pairs in splits.items():
+    logging.info("%s %s: %s, %d pairs", title, role, ds.splits[role], len(pairs))
+  return SegmentationDataset(splits, label_map, num_classes, options_from(ds), ds.read_threads)
