@@ -19,7 +19,8 @@ def _config(name):
 
 
 def test_names_are_the_module_names():
-  assert data_lib.names() == ("listops", "text", "retrieval", "image", "pathfinder", "imagenet")
+  assert data_lib.names() == ("listops", "text", "retrieval", "image", "pathfinder", "imagenet",
+                              "ade20k", "camvid")
   for name in data_lib.names():
     assert callable(importlib.import_module(f"clustr_jax.data.{name}").load_dataset), name
 
