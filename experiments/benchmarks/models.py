@@ -6,7 +6,10 @@ compile / cap / interleaved-timing machinery this script reuses): whole models, 
   LRA encoder  ``lra_encoder`` at the official LRA ListOps size (4 layers, width 512, 8 heads,
                qkv 512, MLP 1024, CLS pooling) with each attention and the settings that
                ``clustr_jax.attention.sized_for`` gives for the length; int32 tokens
-               [batch, length]; tokens/s = batch * length / median seconds.
+               [batch, length]; tokens/s = batch * length / median seconds. Dense attention
+               runs twice: ``dense.xla`` (``jax.nn.dot_product_attention``'s XLA path, the
+               [N, N] weights materialised) and ``dense.tokamax`` (tokamax's memory-efficient
+               ``xla_chunked`` kernel); the faster is the best dense of a length.
   vision       ``clustr_s`` (ClusTR-S, official b2) and ``deit_s`` at 224^2, float32 images
                [batch, 224, 224, 3]; images/s = batch / median seconds.
 
@@ -55,6 +58,10 @@ LRA_MODEL = dict(emb_dim=512, num_heads=8, qkv_dim=512, mlp_dim=1024, num_layers
                  dropout_rate=0.1, attention_dropout_rate=0.1, pooling="CLS", vocab_size=17,
                  num_classes=10)
 VISION_SIZE = 224
+#: The dense variants of ``--mechanisms``: name suffix -> ``DenseAttention.implementation``.
+DENSE_IMPLEMENTATIONS = {"xla": "xla", "tokamax": "xla_chunked"}
+MECHANISMS = tuple(f"dense.{v}" for v in DENSE_IMPLEMENTATIONS) + tuple(
+    n for n in attention.names() if n != "dense")
 
 
 def _cases(model, variables, inputs, name: str, passes: tuple[str, ...]) -> list[bench.Case]:
@@ -85,8 +92,11 @@ def build(args: argparse.Namespace) -> list[tuple[dict[str, Any], bench.Case]]:
   for length in args.lengths:
     tokens = jnp.asarray(rng.integers(1, 17, (args.lra_batch, length)), jnp.int32)
     for mechanism in args.mechanisms:
-      kwargs = attention.sized_for(mechanism, length + 1)
-      model = models.get("lra_encoder", max_length=length, attention=mechanism,
+      registered, _, variant = mechanism.partition(".")
+      kwargs = attention.sized_for(registered, length + 1)
+      if variant:
+        kwargs["implementation"] = DENSE_IMPLEMENTATIONS[variant]
+      model = models.get("lra_encoder", max_length=length, attention=registered,
                          attention_kwargs=kwargs, **LRA_MODEL)
       variables = _variables(model, tokens)
       for case in _cases(model, variables, tokens, f"lra_encoder.{mechanism}", passes):
@@ -169,8 +179,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   csv_list = lambda t: lambda s: [t(x) for x in s.split(",") if x]  # noqa: E731
   p.add_argument("--lengths", type=csv_list(int), default=[1024, 4096, 16384])
-  p.add_argument("--mechanisms", type=csv_list(str),
-                 default=list(attention.names()))
+  p.add_argument("--mechanisms", type=csv_list(str), default=list(MECHANISMS),
+                 help=f"comma-separated, from: {', '.join(MECHANISMS)}")
   p.add_argument("--vision", type=csv_list(str), default=["deit_s", "clustr_s"],
                  help="vision model names (empty: none)")
   p.add_argument("--passes", type=csv_list(str), default=["fwd", "fwd+bwd"])
@@ -185,9 +195,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   p.add_argument("--output", type=pathlib.Path,
                  default=bench.RESULTS / "model_throughput")
   args = p.parse_args(argv)
-  bad = sorted(set(args.mechanisms) - set(attention.names()))
+  bad = sorted(set(args.mechanisms) - set(MECHANISMS))
   if bad:
-    p.error(f"--mechanisms: unknown {bad}; valid: {', '.join(attention.names())}")
+    p.error(f"--mechanisms: unknown {bad}; valid: {', '.join(MECHANISMS)}")
   bad = sorted(set(args.vision) - set(models.names()))
   if bad:
     p.error(f"--vision: unknown model(s) {bad}; valid: {', '.join(models.names())}")
