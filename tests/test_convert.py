@@ -282,8 +282,6 @@ def test_bad_state_dicts_list_every_problem():
     convert.from_torch("deit", sd, depths=[1])
   with pytest.raises(ValueError, match="unknown arch"):
     convert.from_torch("swin", sd)
-  with pytest.raises(ValueError, match="token pruning"):
-    convert.from_torch("sparsifiner", sd, **SPARSIFINER, token_keep_rate_list=[1, 0.7])
   with pytest.raises(ValueError, match="share_inout_proj"):
     convert.from_torch("sparsifiner", sd, **SPARSIFINER, share_inout_proj=True)
 
@@ -321,3 +319,30 @@ def test_cli_reads_torch_pth(tmp_path):
   assert set(read) == set(sd)
   for key, value in sd.items():
     np.testing.assert_array_equal(read[key], value)
+
+
+def test_sparsifiner_token_pruning_kwargs():
+  """The official constructor's token_keep_rate_list / token_pruning_loc_indicator: a block
+  prunes only where its indicator is True; the rest of the list is unused (official)."""
+  sd = random_state_dict("sparsifiner", SPARSIFINER)
+  module, _ = convert.from_torch("sparsifiner", sd, **SPARSIFINER,
+                                 token_keep_rate_list=[0.7, 0.5],
+                                 token_pruning_loc_indicator=[False, True])
+  assert module.layer_attention_kwargs == ({"keep_rate": 0.25},
+                                           {"keep_rate": 0.5, "token_keep_rate": 0.5})
+  assert module.token_budgets() == [None, 32]                  # ceil(0.5 * 64) of 8 x 8 patches
+  assert module.token_pruning == "zero"
+  module, _ = convert.from_torch("sparsifiner", sd, **SPARSIFINER, token_keep_rate_list=[1, 0.7])
+  assert module.token_budgets() == [None, None]                # no indicator: no pruning
+  bad = [(dict(token_keep_rate_list=[0.5]), "token_keep_rate_list has 1 entries; need depth=2"),
+         (dict(token_pruning_loc_indicator=[True]), "has 1 entries"),
+         (dict(token_keep_rate_list=[1.0, 0.0], token_pruning_loc_indicator=[False, True]),
+          r"must lie in \(0, 1\]"),
+         (dict(token_pruning_loc_indicator=[0, 1]), "must hold bools"),
+         (dict(token_keep_rate_list=[0.5, 1.0], token_pruning_loc_indicator=[True, True]),
+          "block 1 prunes with token_keep_rate 1"),
+         (dict(token_keep_rate_list=[0.5, 0.7], token_pruning_loc_indicator=[True, True]),
+          "must not grow")]
+  for kwargs, message in bad:
+    with pytest.raises(ValueError, match=message):
+      convert.from_torch("sparsifiner", sd, **SPARSIFINER, **kwargs)
