@@ -34,7 +34,9 @@ Keyword arguments accepted (official names):
                num_classes, drop_rate, attn_drop_rate, drop_path_rate, in_chans (3),
                qk_scale (None), representation_size (None)
   sparsifiner: those of deit, plus attn_keep_rate_list, reduce_n_factor, reduce_c_factor,
-               token_keep_rate_list (all 1), token_pruning_loc_indicator (all False),
+               token_keep_rate_list and token_pruning_loc_indicator (token pruning at the
+               blocks marked True, to ceil(rate * N_p) patches; default none; main.py's
+               defaults are rates [1]*3 + [b]*3 + [b^2]*3 + [b^3]*3 and blocks 3, 6, 9),
                share_inout_proj (False)
 Values outside what the official model supports here (in brackets) raise ValueError.
 
@@ -239,6 +241,36 @@ def _clustr(kw: dict[str, Any]) -> tuple[nn.Module, list[_Entry], int]:
   return module, entries, kw.get("img_size", 224)
 
 
+def _token_keep_rates(kw: dict[str, Any], depth: int) -> list[float]:
+  """Each block's token keep rate from the official ``token_keep_rate_list`` and
+  ``token_pruning_loc_indicator`` (official ``Attention``: a block prunes only where its
+  indicator is True, to ceil(rate * N_p) patches); 1.0 where a block does not prune.
+
+  Raises:
+    ValueError: a list not of length ``depth``, a rate outside (0, 1], an indicator that is not
+      a bool, or a pruning block whose budget exceeds the patches kept before it (the official
+      top-k would then select pruned tokens again; ours does not reproduce that).
+  """
+  where = "from_torch('sparsifiner')"
+  rates = [float(r) for r in kw.get("token_keep_rate_list", [1.0] * depth)]
+  prune = list(kw.get("token_pruning_loc_indicator", [False] * depth))
+  for key, values in (("token_keep_rate_list", rates), ("token_pruning_loc_indicator", prune)):
+    if len(values) != depth:
+      raise ValueError(f"{where}: {key} has {len(values)} entries; need depth={depth}")
+  if any(not 0.0 < r <= 1.0 for r in rates):
+    raise ValueError(f"{where}: token_keep_rate_list={rates} must lie in (0, 1]")
+  if any(not isinstance(p, (bool, np.bool_)) for p in prune):
+    raise ValueError(f"{where}: token_pruning_loc_indicator={prune} must hold bools")
+  out, pruned = [], False
+  for i, (rate, here) in enumerate(zip(rates, prune)):
+    if here and rate == 1.0 and pruned:
+      raise ValueError(f"{where}: block {i} prunes with token_keep_rate 1 after an earlier "
+                       "pruning block (the official top-k would select pruned tokens again)")
+    out.append(rate if here else 1.0)
+    pruned = pruned or (here and rate < 1.0)
+  return out
+
+
 def _vit(kw: dict[str, Any], sparsifiner: bool) -> tuple[nn.Module, list[_Entry], int]:
   dim, depth, heads = kw["embed_dim"], kw["depth"], kw["num_heads"]
   img, patch, bias = kw["img_size"], kw["patch_size"], kw["qkv_bias"]
@@ -254,16 +286,14 @@ def _vit(kw: dict[str, Any], sparsifiner: bool) -> tuple[nn.Module, list[_Entry]
     if len(rates) != depth:
       raise ValueError(f"from_torch('sparsifiner'): attn_keep_rate_list has {len(rates)} "
                        f"entries; need depth={depth}")
-    for key, off in (("token_keep_rate_list", 1), ("token_pruning_loc_indicator", False)):
-      if key in kw and any(v != off for v in kw[key]):
-        raise ValueError(f"from_torch('sparsifiner'): {key}={list(kw[key])} (token pruning) "
-                         "is not supported by the conversion; the released config has none")
+    token_rates = _token_keep_rates(kw, depth)
     options = dict(reduce_n_factor=kw["reduce_n_factor"], reduce_c_factor=kw["reduce_c_factor"])
     layer = None
-    if len(set(rates)) == 1:
+    if len(set(rates)) == 1 and all(t == 1.0 for t in token_rates):
       options["keep_rate"] = rates[0]
     else:
-      layer = tuple({"keep_rate": r} for r in rates)
+      layer = tuple({"keep_rate": r, **({"token_keep_rate": t} if t < 1.0 else {})}
+                    for r, t in zip(rates, token_rates))
     fields.update(attention="sparsifiner", attention_kwargs=options, layer_attention_kwargs=layer)
     out_name = "proj"
   module = vit.VisionTransformer(**fields)

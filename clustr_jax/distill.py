@@ -21,7 +21,9 @@ stages start from a pretrained dense DeiT; the teacher is that DeiT, frozen, in 
     divided by the batch ("batchmean", log-space targets, times T^2 as DeiT's soft distillation);
     the tokens are the final-normalised patch tokens (the output of the top-level module
     ``token_module``, 'norm', without the first ``num_prefix_tokens``), MSE averaged over all
-    elements. The loss terms are ``clustr_jax/losses.py``'s.
+    elements, or, when the student prunes tokens (it sows 'token_keep_mask'), over the kept
+    tokens' elements only, as the official ``losses.py``. The loss terms are
+    ``clustr_jax/losses.py``'s.
 
 Freezing is an optax mask (``freeze``: ``optax.multi_transform`` with ``set_to_zero`` for the
 frozen group); parameters belong to the predictor when their path contains
@@ -306,9 +308,16 @@ class Objective:
     teacher_tokens = jax.lax.stop_gradient(self._tokens(teacher_state["intermediates"]))
     ce = jnp.mean(losses.cross_entropy(logits, batch["targets"]))
     kl = losses.kl_teacher_student(logits, teacher_logits, self.temperature)
-    mse = losses.token_mse(tokens, teacher_tokens)
+    mse = losses.token_mse(tokens, teacher_tokens, self._kept(state["intermediates"]))
     loss = self.ce_weight * ce + self.kl_weight * kl + self.token_weight * mse
     return loss, (logits, {"cross_entropy": ce, "kl": kl, "token_mse": mse})
+
+  def _kept(self, intermediates) -> jax.Array | None:
+    """The student's final token keep mask [B, T] (a token-pruning model sows
+    'token_keep_mask' [B, N]), without the prefix tokens; None without pruning."""
+    if "token_keep_mask" not in intermediates:
+      return None
+    return intermediates["token_keep_mask"][0][:, self.num_prefix_tokens:]
 
   def _tokens(self, intermediates) -> jax.Array:
     if self.token_module not in intermediates:

@@ -232,6 +232,24 @@ def kl_teacher_student(student_logits: jax.Array, teacher_logits: jax.Array,
   return jnp.sum(jnp.exp(log_t) * (log_t - log_s)) / student_logits.shape[0] * temperature ** 2
 
 
-def token_mse(student_tokens: jax.Array, teacher_tokens: jax.Array) -> jax.Array:
-  """Mean squared error over all elements (``F.mse_loss``)."""
-  return jnp.mean((student_tokens.astype(jnp.float32) - teacher_tokens.astype(jnp.float32)) ** 2)
+def token_mse(student_tokens: jax.Array, teacher_tokens: jax.Array,
+              keep: jax.Array | None = None) -> jax.Array:
+  """Mean squared error of tokens [B, T, C] (``F.mse_loss``), over all elements, or with
+  ``keep`` bool [B, T] over the kept tokens' elements only (official ``losses.py``: the rows of
+  the last token mask are selected before ``F.mse_loss``), i.e. sum over kept (b, t) and c of
+  the squared difference / (number of kept tokens * C).
+
+  Raises:
+    ValueError: the token shapes differ, or ``keep`` is not [B, T].
+  """
+  if student_tokens.shape != teacher_tokens.shape:
+    raise ValueError(f"token_mse: student tokens {student_tokens.shape} and teacher tokens "
+                     f"{teacher_tokens.shape} differ")
+  squared = (student_tokens.astype(jnp.float32) - teacher_tokens.astype(jnp.float32)) ** 2
+  if keep is None:
+    return jnp.mean(squared)
+  if tuple(keep.shape) != tuple(squared.shape[:2]):
+    raise ValueError(f"token_mse: keep must be [batch, tokens] = {squared.shape[:2]}; got "
+                     f"{tuple(keep.shape)}")
+  total = jnp.sum(jnp.where(keep[..., None], squared, 0.0))
+  return total / (jnp.sum(keep) * squared.shape[-1])

@@ -132,11 +132,15 @@ def clustr_reference(sd, cfg, images):
   return _linear(sd, "head", t.mean(1))
 
 
-def _sparse_attention(sd, key, q, k, heads, rate, cfg):
-  """Mode-B mask (docs/sparsifiner.md): bool [B, H, N, N]."""
+def _sparse_attention(sd, key, q, k, heads, rate, cfg, keep=None):
+  """Mode-B mask (docs/sparsifiner.md): bool [B, H, N, N]; ``keep`` bool [B, N] the running
+  token keep mask (official: pruned q~ / k~ rows zeroed, pruned columns -inf, the budget lowered
+  to the kept patch count)."""
   b, _, n, d = q.shape
   mp = f"{key}.mask_predictor"
   qt, kt = _linear(sd, f"{mp}.proj_c_q", q), _linear(sd, f"{mp}.proj_c_k", k)
+  if keep is not None:
+    qt, kt = (np.where(keep[:, None, :, None], t, 0.0) for t in (qt, kt))
   k_down = np.einsum("bhnc,nm->bhcm", kt, sd[f"{mp}.proj_n"])
   coef = _softmax(qt[:, :, 1:] @ k_down * heads ** -0.5)                  # [B, H, N-1, n_down]
   kth = np.sort(coef, -1)[..., -8][..., None]
@@ -145,30 +149,50 @@ def _sparse_attention(sd, key, q, k, heads, rate, cfg):
   basis = np.where(basis > 0.02, basis, 0.0)
   approx = coef @ basis                                                   # [B, H, N-1, N]
   k_att = math.ceil(rate * n)
+  if keep is not None:
+    approx = np.where(keep[:, None, None, :], approx, -np.inf)
+    k_att = min(k_att, int(keep[0, 1:].sum()))
   top = np.argsort(-approx, axis=-1)[..., :k_att]
   rows = np.zeros(approx.shape, bool)
   np.put_along_axis(rows, top, True, axis=-1)
   return np.concatenate([np.ones((b, heads, 1, n), bool), rows], axis=2)
 
 
-def vit_reference(sd, cfg, images, keep_rates=None):
+def vit_reference(sd, cfg, images, keep_rates=None, token_rates=None):
+  """DeiT / Sparsifiner logits; ``token_rates`` (per block, None: no pruning) prunes as the
+  official Block: top ceil(rate N_p) patches by the mean CLS attention, zeroed after the block,
+  and their q, k, v zeroed in later blocks."""
   p, heads = cfg["patch_size"], cfg["num_heads"]
   x = _conv(images, sd["patch_embed.proj.weight"], sd["patch_embed.proj.bias"], p, 0)
   b, c = x.shape[:2]
   x = x.reshape(b, c, -1).transpose(0, 2, 1)
   x = np.concatenate([np.broadcast_to(sd["cls_token"], (b, 1, c)), x], 1) + sd["pos_embed"]
   d = c // heads
+  keep = None
   for i in range(cfg["depth"]):
     key = f"blocks.{i}"
     qkv = _linear(sd, f"{key}.attn.qkv", _ln(sd, f"{key}.norm1", x, 1e-6))
     q, k, v = (_heads(qkv[..., j * c:(j + 1) * c], heads) for j in range(3))
+    if keep is not None:
+      q, k, v = (np.where(keep[:, None, :, None], t, 0.0) for t in (q, k, v))
     logits = q @ k.transpose(0, 1, 3, 2) * d ** -0.5
     if keep_rates is not None:
-      mask = _sparse_attention(sd, f"{key}.attn", q, k, heads, keep_rates[i], cfg)
+      mask = _sparse_attention(sd, f"{key}.attn", q, k, heads, keep_rates[i], cfg, keep)
       logits = np.where(mask, logits, -np.inf)
-    x = x + _linear(sd, f"{key}.attn.proj", _merge_heads(_softmax(logits) @ v))
+    weights = _softmax(logits)
+    x = x + _linear(sd, f"{key}.attn.proj", _merge_heads(weights @ v))
     h = _gelu(_linear(sd, f"{key}.mlp.fc1", _ln(sd, f"{key}.norm2", x, 1e-6)))
     x = x + _linear(sd, f"{key}.mlp.fc2", h)
+    if token_rates is not None and token_rates[i] is not None:
+      score = weights[:, :, 0, 1:].mean(1)
+      if keep is not None:
+        score = np.where(keep[:, 1:], score, -np.inf)
+      top = np.argsort(-score, axis=-1)[:, :math.ceil(token_rates[i] * (x.shape[1] - 1))]
+      keep = np.zeros(x.shape[:2], bool)
+      keep[:, 0] = True
+      np.put_along_axis(keep[:, 1:], top, True, axis=-1)
+    if keep is not None:
+      x = np.where(keep[..., None], x, 0.0)
   return _linear(sd, "head", _ln(sd, "norm", x, 1e-6)[:, 0])
 
 
@@ -282,8 +306,6 @@ def test_bad_state_dicts_list_every_problem():
     convert.from_torch("deit", sd, depths=[1])
   with pytest.raises(ValueError, match="unknown arch"):
     convert.from_torch("swin", sd)
-  with pytest.raises(ValueError, match="token pruning"):
-    convert.from_torch("sparsifiner", sd, **SPARSIFINER, token_keep_rate_list=[1, 0.7])
   with pytest.raises(ValueError, match="share_inout_proj"):
     convert.from_torch("sparsifiner", sd, **SPARSIFINER, share_inout_proj=True)
 
@@ -321,3 +343,50 @@ def test_cli_reads_torch_pth(tmp_path):
   assert set(read) == set(sd)
   for key, value in sd.items():
     np.testing.assert_array_equal(read[key], value)
+
+
+def test_sparsifiner_token_pruning_kwargs():
+  """The official constructor's token_keep_rate_list / token_pruning_loc_indicator: a block
+  prunes only where its indicator is True; the rest of the list is unused (official)."""
+  sd = random_state_dict("sparsifiner", SPARSIFINER)
+  module, _ = convert.from_torch("sparsifiner", sd, **SPARSIFINER,
+                                 token_keep_rate_list=[0.7, 0.5],
+                                 token_pruning_loc_indicator=[False, True])
+  assert module.layer_attention_kwargs == ({"keep_rate": 0.25},
+                                           {"keep_rate": 0.5, "token_keep_rate": 0.5})
+  assert module.token_budgets() == [None, 32]                  # ceil(0.5 * 64) of 8 x 8 patches
+  assert module.token_pruning == "zero"
+  module, _ = convert.from_torch("sparsifiner", sd, **SPARSIFINER, token_keep_rate_list=[1, 0.7])
+  assert module.token_budgets() == [None, None]                # no indicator: no pruning
+  bad = [(dict(token_keep_rate_list=[0.5]), "token_keep_rate_list has 1 entries; need depth=2"),
+         (dict(token_pruning_loc_indicator=[True]), "has 1 entries"),
+         (dict(token_keep_rate_list=[1.0, 0.0], token_pruning_loc_indicator=[False, True]),
+          r"must lie in \(0, 1\]"),
+         (dict(token_pruning_loc_indicator=[0, 1]), "must hold bools"),
+         (dict(token_keep_rate_list=[0.5, 1.0], token_pruning_loc_indicator=[True, True]),
+          "block 1 prunes with token_keep_rate 1"),
+         (dict(token_keep_rate_list=[0.5, 0.7], token_pruning_loc_indicator=[True, True]),
+          "must not grow")]
+  for kwargs, message in bad:
+    with pytest.raises(ValueError, match=message):
+      convert.from_torch("sparsifiner", sd, **SPARSIFINER, **kwargs)
+
+
+@pytest.mark.parametrize("path", ["gather", "masked"])
+def test_pruned_sparsifiner_matches_reference(path):
+  """Official token pruning (blocks 1 and 2 of 3, 64 patches): 32 then 16 kept; the attention
+  budget ceil(0.5 * 65) = 33 exceeds the 16 kept, so it is lowered to them (official)."""
+  cfg = dict(SPARSIFINER, depth=3, attn_keep_rate_list=[0.25, 0.5, 0.5],
+             token_keep_rate_list=[1.0, 0.5, 0.25],
+             token_pruning_loc_indicator=[False, True, True])
+  sd = random_state_dict("sparsifiner", cfg, seed=4)
+  module, variables = convert.from_torch("sparsifiner", sd, **cfg)
+  module = module.clone(attention_kwargs={**module.attention_kwargs, "path": path})
+  images = _images(2, 32, seed=5)
+  sd64 = {k: v.astype(np.float64) for k, v in sd.items()}
+  want = vit_reference(sd64, cfg, images.astype(np.float64), keep_rates=cfg["attn_keep_rate_list"],
+                       token_rates=[None, 0.5, 0.25])
+  unpruned = vit_reference(sd64, cfg, images.astype(np.float64),
+                           keep_rates=cfg["attn_keep_rate_list"])
+  assert np.abs(want - unpruned).max() > 1e-2                       # the pruning matters
+  np.testing.assert_allclose(_ours(module, variables, images), want, atol=1e-4, rtol=0)

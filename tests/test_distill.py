@@ -177,3 +177,49 @@ def test_setup_errors_name_the_key():
   config.distill.stage = "distill"
   with pytest.raises(ValueError, match="config.distill.teacher"):
     distill.setup(config, model, Data())
+
+
+def test_token_mse_over_kept_tokens_by_hand():
+  """Official losses.py: token_s[token_mask] then F.mse_loss, i.e. the kept rows only."""
+  student = np.zeros((2, 3, 2), np.float32)
+  teacher = np.zeros((2, 3, 2), np.float32)
+  student[0, 0] = [1.0, 3.0]      # kept: squared errors 1, 9
+  student[0, 1] = [100.0, 100.0]  # pruned: ignored
+  student[1, 2] = [2.0, 0.0]      # kept: squared errors 4, 0
+  keep = np.array([[True, False, True], [False, False, True]])
+  # 3 kept tokens x 2 features; the errors 1 + 9 + 0 + 0 + 4 + 0 = 14.
+  assert float(losses.token_mse(student, teacher, keep)) == pytest.approx(14 / 6)
+  assert float(losses.token_mse(student, teacher)) == pytest.approx((14 + 2e4) / 12)
+  with pytest.raises(ValueError, match=r"keep must be \[batch, tokens\]"):
+    losses.token_mse(student, teacher, keep[:, :2])
+  with pytest.raises(ValueError, match="differ"):
+    losses.token_mse(student, teacher[:, :2])
+
+
+def test_distill_objective_restricts_token_mse_to_kept_tokens():
+  """A token-pruning student: the objective's token MSE is the kept-token MSE of its tokens."""
+  student = models.get("sparsifiner_deit_s", num_classes=4, img_size=32, patch_size=8, depth=2,
+                       embed_dim=32, num_heads=2, attention_kwargs={"basis_topk": 2},
+                       layer_attention_kwargs=({"token_keep_rate": 0.5}, {}))
+  teacher = models.get("deit_ti", num_classes=4, img_size=32, patch_size=8, depth=1,
+                       embed_dim=32, num_heads=2)
+  images = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
+  params = student.init(jax.random.key(1), images)["params"]
+  teacher_params = teacher.init(jax.random.key(2), images)["params"]
+  d = default.distill_config("distill")
+  weights = ("recon_weight", "ce_weight", "kl_weight", "token_weight", "temperature",
+             "token_module", "num_prefix_tokens")
+  objective = distill.Objective(model=student, stage="distill", input_keys=("images",),
+                                teacher_model=teacher, **{k: d[k] for k in weights})
+  _, (_, metrics) = objective(params, {"images": images, "targets": jnp.array([0, 1])},
+                              {"dropout": jax.random.key(3)}, teacher_params)
+  _, state = student.apply({"params": params}, images, mutable=["intermediates"])
+  _, t_state = teacher.apply({"params": teacher_params}, images, mutable=["intermediates"])
+  keep = np.asarray(state["intermediates"]["token_keep_mask"][0])[:, 1:]
+  assert keep.sum(-1).tolist() == [8, 8]                      # ceil(0.5 * 16) patches kept
+  # The final norm's output (the 'features' sown by the model) of the kept patches only.
+  s = np.asarray(state["intermediates"]["features"][0])
+  t = np.asarray(t_state["intermediates"]["features"][0])
+  want = ((s - t) ** 2)[keep].mean()
+  np.testing.assert_allclose(metrics["token_mse"], want, rtol=1e-5)
+  assert abs(want - ((s - t) ** 2).mean()) > 1e-3             # the restriction matters

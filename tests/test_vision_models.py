@@ -143,7 +143,7 @@ def test_layer_attention_kwargs_and_bad_inputs():
     jax.eval_shape(models.get("deit_ti", num_classes=2, attention="cast", **TINY_VIT).init,
                    jax.random.key(0), x)
   with pytest.raises(ValueError, match="token pruning"):
-    jax.eval_shape(models.get("sparsifiner_deit_s", num_classes=2, **TINY_VIT,
+    jax.eval_shape(models.get("deit_ti", num_classes=2, **TINY_VIT,
                               attention_kwargs={"token_keep_rate": 0.7}).init,
                    jax.random.key(0), x)
   with pytest.raises(ValueError, match="no option"):

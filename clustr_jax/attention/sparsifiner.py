@@ -64,16 +64,21 @@ Padding (``mask``; the official code has none) and what we add to keep it from l
 
 Token pruning (EViT-style, ``token_keep_rate < 1``, needs ``has_cls_token``; skipped in
 recon_mode as in the official code): score = mean over heads of the CLS row of the attention
-after masking, P[:, :, 0, 1:]; the ceil(token_keep_rate * (N - 1)) best real patches are kept
-(budget relative to the initialised length, as in the official code). The module's output is
-unchanged; it sows the boolean ``token_keep_mask`` [B, N] (CLS True if real, padding False) so
-that the block can zero the pruned tokens' features. The block passes the running keep mask as
-``mask`` to the later layers, where pruned tokens then act exactly like padding. Differences to
-the official code (docs/sparsifiner.md): the attention budget is clipped per sample (surplus slots
-masked) instead of lowered to the first sample's kept count and stored in the module; with a
-budget above the number of kept patches we also keep the CLS column (the official code picks
-``kept`` of the kept + 1 finite columns); and the dense CLS row excludes pruned keys (the official
-code zeroes their q/k/v, so its CLS row still counts them with logit 0 and value 0).
+after masking, P[:, :, 0, 1:]; the ceil(token_keep_rate * (N - 1)) best patches still kept are
+kept (budget counted from the initialised length, as in the official code). The module's output
+is unchanged; it sows the boolean ``token_keep_mask`` [B, N] (CLS True if real, padding False)
+and, with ``return_token_keep=True``, also returns it, so that the block can zero the pruned
+tokens' features (``clustr_jax.models.vit``). A later layer gets the running keep mask in one
+of two ways (docs/sparsifiner.md, "Token pruning"):
+  * ``token_keep`` (the official, faithful handling): the pruned tokens stay in the sequence;
+    their q, k and v rows are zeroed, their q~ / k~ rows too, and their A^ columns are -inf
+    before the top-k; the attention budget is min(k, kept_patches) with ``kept_patches`` the
+    number of patches still kept (the official code lowers its stored budget to the first
+    sample's kept count, which is the same for every sample); the dense CLS row still spans
+    every token, so each pruned token takes weight exp(0 - max) with value 0 there;
+  * ``mask`` (ours): the running keep mask given as the padding mask, so that pruned tokens act
+    exactly like padding: excluded from the CLS row and never selected, the budget clipped per
+    sample (surplus slots masked).
 
 Sown into 'intermediates' (for the distillation losses and plots):
   approx_attn      A^ [B, H, Nq, N] float32 (mode A: the signed reconstruction for
@@ -427,16 +432,24 @@ class SparsifinerAttention(nn.Module):
       models pass timm's trunc-normal(0.02)); the predictor keeps its trunc-normal(0.02).
 
   Call: ``x`` [batch, length, features], ``mask`` bool [batch, length] (True = real token),
-  ``deterministic`` (False enables attention dropout, rng stream 'dropout') ->
-  [batch, length, out_features] in ``dtype``.
+  ``deterministic`` (False enables attention dropout, rng stream 'dropout'), ``token_keep``
+  bool [batch, length] (the running keep mask of token pruning in earlier layers, CLS True;
+  the official handling, see the module docstring) with ``kept_patches`` (int, the number of
+  patches it keeps, the same for every sample), ``return_token_keep`` ->
+  [batch, length, out_features] in ``dtype``, or with ``return_token_keep`` the pair (that,
+  keep bool [batch, length]: this layer's keep mask when it prunes, else the incoming one).
 
   Raises:
     ValueError: keep_rate or token_keep_rate outside (0, 1]; unknown path or predictor_scale;
       n_down < 1 (reduce_n_factor) or c < 1 (reduce_c_factor); basis_topk outside [1, n_down];
       a length other than the one proj_n was initialised for; token pruning without a CLS
       token; a CLS model with fewer than 2 tokens; a mask of the wrong shape; heads that do not
-      divide qkv_features.
+      divide qkv_features; ``token_keep`` of the wrong shape or without ``kept_patches``, or a
+      token budget above ``kept_patches`` (the official top-k would bring pruned tokens back).
   """
+  #: The vision blocks may pass a running token keep mask (``token_keep``, ``kept_patches``).
+  supports_token_pruning = True
+
   num_heads: int
   qkv_features: int | None = None
   out_features: int | None = None
@@ -532,24 +545,47 @@ class SparsifinerAttention(nn.Module):
     token_budget = math.ceil(self.token_keep_rate * (length - 1))
     return k, n_down, c, token_budget
 
+  def _token_keep(self, token_keep, kept_patches, x, token_budget):
+    """Validates the running keep mask; returns it as bool [B, N] (all True when None)."""
+    batch, length, _ = x.shape
+    if token_keep is None:
+      return jnp.ones((batch, length), bool)
+    if tuple(token_keep.shape) != (batch, length):
+      raise ValueError(f"{_NAME}: token_keep must be [batch, length] = {(batch, length)}; got "
+                       f"{tuple(token_keep.shape)}")
+    if kept_patches is None or not 1 <= kept_patches <= length - 1:
+      raise ValueError(f"{_NAME}: token_keep needs kept_patches, the number of patches it "
+                       f"keeps, in [1, {length - 1}]; got {kept_patches}")
+    if self.token_keep_rate < 1.0 and token_budget > kept_patches:
+      raise ValueError(f"{_NAME}: token_keep_rate={self.token_keep_rate} keeps {token_budget} "
+                       f"patches, more than the {kept_patches} still kept; keep rates must not "
+                       "grow from one pruning layer to the next")
+    return token_keep.astype(bool)
+
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array | None = None, *,
-               deterministic: bool = True) -> jax.Array:
+               deterministic: bool = True, token_keep: jax.Array | None = None,
+               kept_patches: int | None = None, return_token_keep: bool = False):
     valid = base.check_inputs(x, mask, _NAME)                       # [B, N], True = real
     batch, length, features = x.shape
     _, head_dim = base.head_dims(features, self.qkv_features, self.num_heads, _NAME)
     k_att, n_down, c, token_budget = self._sizes(length, head_dim)
+    prior = self._token_keep(token_keep, kept_patches, x, token_budget)   # [B, N]
     proj = lambda name: base.HeadProjection(  # noqa: E731
         self.num_heads, head_dim, self.use_bias, self.dtype, self.param_dtype,
         kernel_init=self.kernel_init, name=name)
     q, k, v = proj("query")(x), proj("key")(x), proj("value")(x)   # [B, N, H, d]
+    if token_keep is not None and not self.recon_mode:
+      # Official: the pruned tokens' q, k and v rows are zeroed; they stay in the sequence.
+      q, k, v = (jnp.where(prior[:, :, None, None], t, jnp.zeros((), t.dtype)) for t in (q, k, v))
+      k_att = min(k_att, kept_patches)        # official: budget lowered to the kept count
     q = nn.with_logical_constraint(q, ("batch", "length", "heads", "kv"))
 
     approx = MaskPredictor(
         self.num_heads, c, n_down, self.reduce_n_factor, self.predictor_scale,
         self.basis_threshold, self.basis_topk, self.recon_mode, self.has_cls_token,
         self.block_size if self.path == "block" else None, self.param_dtype,
-        name="mask_predictor")(q, k, valid)   # [B, H, Nq, N] (block path: [B, H, NB, NB])
+        name="mask_predictor")(q, k, valid & prior)   # [B, H, Nq, N] (block path: [B, H, NB, NB])
     self.sow("intermediates", "approx_attn", approx)
     scale = head_dim ** -0.5
     drop = lambda w: base.attention_dropout(w, self.dropout_rate, deterministic)  # noqa: E731
@@ -566,7 +602,7 @@ class SparsifinerAttention(nn.Module):
     else:
       # Mode B: each predicted row keeps its top-k columns of A^; padded keys are never chosen,
       # and surplus slots (fewer real keys than k) are masked.
-      score = jnp.where(valid[:, None, None, :], approx, -jnp.inf)
+      score = jnp.where((valid & prior)[:, None, None, :], approx, -jnp.inf)
       _, selected = jax.lax.top_k(jax.lax.stop_gradient(score), k_att)   # [B, H, Nq, k]
       selected_valid = jax.vmap(lambda m, i: m[i])(valid, selected)      # [B, H, Nq, k]
       if self.path == "masked":
@@ -575,21 +611,21 @@ class SparsifinerAttention(nn.Module):
         out, cls_weights = self._gather(q, k, v, valid, selected, selected_valid, scale, drop,
                                         not deterministic and self.dropout_rate > 0.0)
 
+    keep = valid & prior
     if self.token_keep_rate < 1.0:
-      if cls_weights is None:             # recon_mode: no pruning, as in the official code
-        keep = valid
-      else:
+      if cls_weights is not None:         # recon_mode: no pruning, as in the official code
         token_score = jnp.mean(cls_weights[:, :, 1:], axis=1)           # [B, N - 1]
-        token_score = jnp.where(valid[:, 1:], token_score, -jnp.inf)
+        token_score = jnp.where(keep[:, 1:], token_score, -jnp.inf)
         _, kept = jax.lax.top_k(jax.lax.stop_gradient(token_score), token_budget)
         kept_mask = jnp.zeros((batch, length - 1), bool).at[
             jnp.arange(batch)[:, None], kept].set(True)
-        keep = jnp.concatenate([valid[:, :1], kept_mask & valid[:, 1:]], axis=1)
+        keep = jnp.concatenate([keep[:, :1], kept_mask & keep[:, 1:]], axis=1)
       self.sow("intermediates", "token_keep_mask", keep)
 
-    return base.OutputProjection(
+    y = base.OutputProjection(
         self.out_features or features, True, self.dtype, self.param_dtype,
         kernel_init=self.kernel_init, name="proj")(out)
+    return (y, keep) if return_token_keep else y
 
   def _masked(self, q, k, v, valid, selected, selected_valid, scale, drop):
     """Official dense-then-mask attention. Returns (out [B, N, H, d], CLS-row weights or None)."""

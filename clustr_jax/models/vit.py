@@ -31,7 +31,14 @@ their initialisation. None of this changes a converted model.
 Sown into 'intermediates' besides the attention modules' own tensors (e.g. Sparsifiner's
 'approx_attn', 'unmasked_attn', 'attn_mask' under blocks_{i}/attn): 'features', the final-
 normalised patch tokens [B, N_p, D] in ``dtype`` (the official Sparsifiner ``features``, used by
-the token-distillation MSE).
+the token-distillation MSE), and with token pruning 'token_keep_mask', the final running keep
+mask bool [B, N] (CLS True; the official ``token_mask_list[-1]``, which restricts that MSE to the
+kept tokens).
+
+Token pruning (official Sparsifiner ``Block`` / ``Attention``, docs/sparsifiner.md): a block whose
+attention option token_keep_rate r < 1 keeps the ceil(r N_p) patches with the largest mean CLS
+attention; the pruned tokens' features are zeroed after that block and every later one, and the
+running keep mask goes to the later blocks' attention (``token_pruning``).
 """
 
 from __future__ import annotations
@@ -226,7 +233,10 @@ class Block(nn.Module):
   (timm / Sparsifiner ``Block``; with ``dwconv`` the ClusTR ``Block`` and its conv Mlp).
 
   Call: x [B, N, D], ``size`` (H, W) of the token grid (needed with dwconv) -> [B, N, D] in
-  ``dtype``.
+  ``dtype``. With ``token_pruning`` ('zero' or 'mask', ``VisionTransformer``) the call also
+  takes ``token_keep`` bool [B, N] (the running keep mask, CLS True) and ``kept_patches`` (int,
+  its kept patch count) and returns (x, keep): the attention's keep mask, whose pruned tokens'
+  features are zeroed after the Mlp (official Sparsifiner ``Block.forward``).
   """
   num_heads: int
   mlp_ratio: float
@@ -238,23 +248,57 @@ class Block(nn.Module):
   attention_kwargs: Mapping[str, Any]
   dwconv: bool = False
   dtype: Dtype = jnp.float32
+  token_pruning: str | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array, size: tuple[int, int] | None = None, *,
-               deterministic: bool) -> jax.Array:
+               deterministic: bool, token_keep: jax.Array | None = None,
+               kept_patches: int | None = None):
     features = x.shape[-1]
     attn = build_attention(self.attention, self.attention_kwargs, num_heads=self.num_heads,
                            features=features, qkv_bias=self.qkv_bias,
                            dropout_rate=self.attn_drop_rate, dtype=self.dtype)
     drop_path = DropPath(self.drop_path_rate)
-    y = attn(layer_norm(1e-6, self.dtype, "norm1")(x), deterministic=deterministic)
+    h = layer_norm(1e-6, self.dtype, "norm1")(x)
+    if self.token_pruning is None:
+      y = attn(h, deterministic=deterministic)
+    elif self.token_pruning == "zero":
+      y, keep = attn(h, deterministic=deterministic, token_keep=token_keep,
+                     kept_patches=kept_patches, return_token_keep=True)
+    else:
+      y, keep = attn(h, token_keep, deterministic=deterministic, return_token_keep=True)
     y = nn.Dropout(self.drop_rate)(y, deterministic=deterministic)        # official proj_drop
     x = x + drop_path(y, deterministic=deterministic)
     x = nn.with_logical_constraint(x, ("batch", "length", "activation_embed"))
     y = Mlp(int(features * self.mlp_ratio), self.drop_rate, self.dwconv, self.dtype, name="mlp")(
         layer_norm(1e-6, self.dtype, "norm2")(x), size, deterministic=deterministic)
     x = x + drop_path(y, deterministic=deterministic)
-    return nn.with_logical_constraint(x, ("batch", "length", "activation_embed"))
+    x = nn.with_logical_constraint(x, ("batch", "length", "activation_embed"))
+    if self.token_pruning is None:
+      return x
+    return jnp.where(keep[:, :, None], x, jnp.zeros((), x.dtype)), keep
+
+
+#: ``VisionTransformer.token_pruning`` choices: 'zero' is the official handling, 'mask' ours.
+TOKEN_PRUNING = ("zero", "mask")
+
+
+def token_keep_rates(base: float, locations: Sequence[int] = (3, 6, 9),
+                     depth: int = 12) -> tuple[dict[str, float], ...]:
+  """``layer_attention_kwargs`` entries of the official token pruning: base^(j + 1) at the j-th
+  of ``locations`` (official ``main.py``: TOKEN_KEEP_RATE_BASE b, TOKEN_PRUNING_LOC [3, 6, 9],
+  rates b, b^2, b^3), an empty entry elsewhere.
+
+  Raises:
+    ValueError: base outside (0, 1], a location outside [0, depth) or repeated.
+  """
+  if not 0.0 < base <= 1.0:
+    raise ValueError(f"token_keep_rates: base must be in (0, 1]; got {base}")
+  if len(set(locations)) != len(locations) or any(not 0 <= i < depth for i in locations):
+    raise ValueError(f"token_keep_rates: locations {list(locations)} must be distinct blocks "
+                     f"in [0, {depth})")
+  rates = {i: base ** (j + 1) for j, i in enumerate(sorted(locations))}
+  return tuple({"token_keep_rate": rates[i]} if i in rates else {} for i in range(depth))
 
 
 def check_images(images: jax.Array, name: str, size: tuple[int, int] | None = None) -> None:
@@ -285,7 +329,16 @@ class VisionTransformer(nn.Module):
       stage 1, {'num_clusters': 16, 'cluster_size': 16} for CAST).
     layer_attention_kwargs: per-block options merged over ``attention_kwargs`` (length
       ``depth``), e.g. the official Sparsifiner ``attn_keep_rate_list`` as
-      ({'keep_rate': r} for r in rates).
+      ({'keep_rate': r} for r in rates), and its token pruning as {'token_keep_rate': r} at the
+      pruning blocks (official defaults: b, b^2, b^3 at blocks 3, 6, 9; ``token_keep_rates``).
+    token_pruning: how blocks after a pruning block (an option token_keep_rate < 1, for a
+      mechanism with ``supports_token_pruning``) treat the pruned tokens: 'zero' (official
+      Sparsifiner, the default) keeps them in the sequence with zeroed features and zeroed
+      q / k / v, so the dense CLS row still gives them weight; 'mask' (ours) passes the running
+      keep mask as the attention's padding mask, so they take no part at all. Either way their
+      features are zeroed after each block, budgets are ceil(rate * N_p) of the original N_p
+      patches, and the final keep mask is sown as 'token_keep_mask' [B, N] bool
+      (docs/sparsifiner.md, "Token pruning").
     dtype: computation dtype (parameters float32; logits float32).
 
   Call: images float32 [B, img_size, img_size, 3], ``train`` bool (dropout and drop path with
@@ -294,8 +347,9 @@ class VisionTransformer(nn.Module):
   Raises:
     ValueError: images not [B, img_size, img_size, 3] floats, img_size not divisible by
       patch_size, embed_dim not divisible by num_heads, layer_attention_kwargs of the wrong
-      length, a token_keep_rate < 1 (token pruning is not implemented), or an attention error
-      (see ``build_attention``).
+      length, an unknown token_pruning, token pruning with a mechanism that does not support it,
+      token budgets that grow from one pruning block to the next, or an attention error (see
+      ``build_attention``).
   """
   num_classes: int = dataclasses.field(kw_only=True)
   img_size: int = 224
@@ -311,7 +365,13 @@ class VisionTransformer(nn.Module):
   attention: str = "dense"
   attention_kwargs: Mapping[str, Any] | None = None
   layer_attention_kwargs: Sequence[Mapping[str, Any]] | None = None
+  token_pruning: str = "zero"
   dtype: Dtype = jnp.float32
+
+  def _layer_options(self) -> list[dict[str, Any]]:
+    """Each block's attention options: ``attention_kwargs`` updated by its layer entry."""
+    layers = self.layer_attention_kwargs or [{}] * self.depth
+    return [{**dict(self.attention_kwargs or {}), **dict(layer)} for layer in layers]
 
   def _check(self) -> None:
     name = type(self).__name__
@@ -324,11 +384,30 @@ class VisionTransformer(nn.Module):
     if self.layer_attention_kwargs is not None and len(self.layer_attention_kwargs) != self.depth:
       raise ValueError(f"{name}: layer_attention_kwargs has {len(self.layer_attention_kwargs)} "
                        f"entries; need depth={self.depth}")
-    for options in [self.attention_kwargs or {}, *(self.layer_attention_kwargs or [])]:
-      if options.get("token_keep_rate", 1.0) < 1.0:
-        raise ValueError(f"{name}: token_keep_rate={options['token_keep_rate']} (Sparsifiner "
-                         "token pruning) is not implemented by these blocks, which would not "
-                         "zero the pruned tokens; the released Sparsifiner config has none")
+    if self.token_pruning not in TOKEN_PRUNING:
+      raise ValueError(f"{name}: unknown token_pruning {self.token_pruning!r}; valid choices: "
+                       f"{', '.join(TOKEN_PRUNING)}")
+    budgets = self.token_budgets()
+    if any(b is not None for b in budgets) and not getattr(
+        attention_lib.get(self.attention), "supports_token_pruning", False):
+      raise ValueError(f"{name}: token_keep_rate < 1 (token pruning) needs an attention with "
+                       f"supports_token_pruning; {self.attention!r} has none")
+    kept = (self.img_size // self.patch_size) ** 2
+    for i, budget in enumerate(budgets):
+      if budget is not None:
+        if budget > kept:
+          raise ValueError(f"{name}: block {i} keeps {budget} patches "
+                           f"(token_keep_rate={self._layer_options()[i]['token_keep_rate']}), "
+                           f"more than the {kept} kept before it; keep rates must not grow")
+        kept = budget
+
+  def token_budgets(self) -> list[int | None]:
+    """Per block: the patches kept by its token pruning, ceil(token_keep_rate * N_p) of the
+    original N_p = (img_size // patch_size)^2 (official ``Attention.token_budget``), or None
+    where the block does not prune (token_keep_rate 1 or absent)."""
+    patches = (self.img_size // self.patch_size) ** 2
+    return [math.ceil(o["token_keep_rate"] * patches) if o.get("token_keep_rate", 1.0) < 1.0
+            else None for o in self._layer_options()]
 
   @nn.compact
   def __call__(self, images: jax.Array, *, train: bool = False) -> jax.Array:
@@ -346,14 +425,21 @@ class VisionTransformer(nn.Module):
         trunc_normal_02, (None, "length", "embed")), (1, x.shape[1], self.embed_dim))
     x = nn.Dropout(self.drop_rate)(x + pos.astype(x.dtype), deterministic=deterministic)
     x = nn.with_logical_constraint(x, ("batch", "length", "activation_embed"))
-    base_options = dict(self.attention_kwargs or {})
-    for i, rate in enumerate(drop_path_rates(self.drop_path_rate, self.depth)):
-      options = dict(base_options)
-      if self.layer_attention_kwargs is not None:
-        options.update(self.layer_attention_kwargs[i])
-      x = Block(self.num_heads, self.mlp_ratio, self.qkv_bias, self.drop_rate,
-                self.attn_drop_rate, rate, self.attention, options, dtype=self.dtype,
-                name=f"blocks_{i}")(x, deterministic=deterministic)
+    keep, kept = None, None          # the running token keep mask [B, N] and its patch count
+    for i, (rate, options, budget) in enumerate(zip(
+        drop_path_rates(self.drop_path_rate, self.depth), self._layer_options(),
+        self.token_budgets())):
+      pruning = self.token_pruning if (budget is not None or keep is not None) else None
+      block = Block(self.num_heads, self.mlp_ratio, self.qkv_bias, self.drop_rate,
+                    self.attn_drop_rate, rate, self.attention, options, dtype=self.dtype,
+                    token_pruning=pruning, name=f"blocks_{i}")
+      if pruning is None:
+        x = block(x, deterministic=deterministic)
+      else:
+        x, keep = block(x, deterministic=deterministic, token_keep=keep, kept_patches=kept)
+        kept = budget if budget is not None else kept
+    if keep is not None:
+      self.sow("intermediates", "token_keep_mask", keep)
     x = layer_norm(1e-6, self.dtype, "norm")(x)
     self.sow("intermediates", "features", x[:, 1:])
     return dense(self.num_classes, ("embed", "classes"), jnp.float32, "head")(

@@ -14,7 +14,13 @@ those of ``convert.from_torch`` on the same state dict:
     (``torch.rand`` -> 0 while the official model runs; ``docs/conversion.md``);
   * ClusTR_b1 at 224x224 with the official initialisation, batch 4, noise patched out;
   * Sparsifiner (DeiT layout), a small configuration with random weights, keep rates
-    (0.25, 0.5), in the official eval (sparse) mode, with |proj_back_n| > tau (no tied zeros).
+    (0.25, 0.5), in the official eval (sparse) mode, with |proj_back_n| > tau (no tied zeros);
+  * Sparsifiner with token pruning (``PRUNED``: 12 blocks of width 32, 8x8 patches of 32x32
+    images, the official main.py's token_keep_rate_list [1]*3 + [b]*3 + [b^2]*3 + [b^3]*3 with
+    pruning at blocks 3, 6, 9), random weights, batch 2, the official handling of pruned tokens
+    (``token_pruning='zero'``): b = 0.7 with attention keep 0.25, and b = 0.5 with attention
+    keep 0.5, whose budget of 9 keys exceeds the 8, 4, 2 patches kept (the official budget
+    lowered to the first sample's kept count).
 
   python experiments/vision/check_official.py --clustr_repo=/path/to/ClusTR \
       --sparsifiner_repo=/path/to/Sparsifiner > experiments/vision/results/check_official.txt
@@ -26,6 +32,7 @@ import argparse
 import contextlib
 import functools
 import importlib.util
+import math
 import pathlib
 import subprocess
 import sys
@@ -109,6 +116,14 @@ def _report(label, want, got):
         f"(max |logit| {np.abs(want).max():.3g}, logits {want.shape})")
 
 
+#: The pruned Sparsifiner of the check: official main.py's token pruning on a small model.
+PRUNED = dict(embed_dim=32, depth=12, num_heads=2, mlp_ratio=4.0, num_classes=10, qkv_bias=True,
+              img_size=32, patch_size=8, attn_keep_rate_list=[0.25] * 12, reduce_n_factor=2,
+              reduce_c_factor=2,
+              token_keep_rate_list=[1.0] * 3 + [0.7] * 3 + [0.7 ** 2] * 3 + [0.7 ** 3] * 3,
+              token_pruning_loc_indicator=[i in (3, 6, 9) for i in range(12)])
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--clustr_repo", required=True, help="clone of YtongXie/ClusTR")
@@ -159,6 +174,22 @@ def main() -> None:
   want = _official(official, sd, images)
   _report("Sparsifiner small config, random weights, sparse eval mode", want,
           _ours("sparsifiner", sd, images, **cfg))
+
+  for base, rate in ((0.7, 0.25), (0.5, 0.5)):
+    kw = dict(PRUNED, attn_keep_rate_list=[rate] * 12,
+              token_keep_rate_list=[1.0] * 3 + [base] * 3 + [base ** 2] * 3 + [base ** 3] * 3)
+    official = spar.Sparsifiner(cfg=yacs, **kw)
+    sd = test_convert.random_state_dict("sparsifiner", kw, seed=10)
+    images = np.random.default_rng(11).normal(size=(2, 3, 32, 32)).astype(np.float32)
+    want = _official(official, sd, images)
+    _report(f"Sparsifiner with token pruning (b = {base} at blocks 3, 6, 9, attention keep "
+            f"{rate}), random weights, eval mode", want, _ours("sparsifiner", sd, images, **kw))
+    unpruned = _ours("sparsifiner", sd, images,
+                     **{**kw, "token_pruning_loc_indicator": [False] * 12})
+    module, _ = convert.from_torch("sparsifiner", sd, **kw)
+    print(f"  patches kept after blocks 3, 6, 9: {[b for b in module.token_budgets() if b]} of "
+          f"16; attention budget ceil({rate} * 17) = {math.ceil(rate * 17)}; the pruning "
+          f"matters: max |unpruned - official pruned| = {np.abs(unpruned - want).max():.3g}")
 
 
 if __name__ == "__main__":
