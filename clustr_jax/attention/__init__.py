@@ -50,11 +50,14 @@ class Budget:
     qkv_features: the total query/key/value width H d.
     num_heads: H.
     extra_parameters: parameters allowed per attention layer beyond the dense attention's.
+    num_layers: the model's attention layers (a mechanism that can share parameters between
+      its layers counts a shared parameter as 1 / num_layers per layer).
   """
   features: int
   qkv_features: int
   num_heads: int
   extra_parameters: int
+  num_layers: int = 1
 
 
 def names() -> tuple[str, ...]:

@@ -324,6 +324,8 @@ class MaskPredictor(nn.Module):
     block_size: None, or (mode B only) return the block scores of ``block_scores`` for blocks of
       this many tokens instead of A^.
     param_dtype: parameter dtype. The computation is float32.
+    token_projections: None (proj_n / proj_back_n are this predictor's parameters, as the
+      official code), or a ``TokenProjections`` module shared by the model's layers.
 
   Call: q, k [B, N, H, d] (any float dtype), valid bool [B, N] (True = real, unpruned token) ->
   A^ float32 [B, H, Nq, N], or with ``block_size`` (mode B) block scores float32
@@ -343,25 +345,34 @@ class MaskPredictor(nn.Module):
   has_cls_token: bool = True
   block_size: int | None = None
   param_dtype: base.Dtype = jnp.float32
+  token_projections: Any = None
+
+  def _check_length(self, name: str, stored: tuple[int, ...], length: int) -> None:
+    if tuple(stored) != (length, self.reduced_n):
+      raise ValueError(
+          f"{_NAME}: mask_predictor.{name} has shape {tuple(stored)}, initialised for length "
+          f"{stored[0]} (n_down = {stored[0]} // reduce_n_factor = {stored[1]}); the input has "
+          f"length {length}, which with reduce_n_factor={self.reduce_n_factor} needs "
+          f"({length}, {self.reduced_n}). The module is bound to the length it was initialised "
+          "with: pad inputs to that length")
 
   def _token_param(self, name: str, length: int) -> jax.Array:
     if self.has_variable("params", name):
-      stored = jnp.shape(nn.meta.unbox(self.get_variable("params", name)))
-      if tuple(stored) != (length, self.reduced_n):
-        raise ValueError(
-            f"{_NAME}: mask_predictor.{name} has shape {tuple(stored)}, initialised for length "
-            f"{stored[0]} (n_down = {stored[0]} // reduce_n_factor = {stored[1]}); the input has "
-            f"length {length}, which with reduce_n_factor={self.reduce_n_factor} needs "
-            f"({length}, {self.reduced_n}). The module is bound to the length it was initialised "
-            "with: pad inputs to that length")
+      self._check_length(name, jnp.shape(nn.meta.unbox(self.get_variable("params", name))),
+                         length)
     return self.param(name, nn.with_logical_partitioning(predictor_init, ("length", None)),
                       (length, self.reduced_n), self.param_dtype)
 
   @nn.compact
   def __call__(self, q: jax.Array, k: jax.Array, valid: jax.Array) -> jax.Array:
     _, length, num_heads, head_dim = q.shape
-    w_down = self._token_param("proj_n", length).astype(jnp.float32)
-    w_up = self._token_param("proj_back_n", length).astype(jnp.float32)
+    if self.token_projections is not None:
+      w_down, w_up = self.token_projections()
+      for name, w in (("proj_n", w_down), ("proj_back_n", w_up)):
+        self._check_length(name, w.shape, length)
+    else:
+      w_down, w_up = (self._token_param(name, length) for name in ("proj_n", "proj_back_n"))
+    w_down, w_up = w_down.astype(jnp.float32), w_up.astype(jnp.float32)
     q_c = _ChannelLinear(self.reduced_c, self.param_dtype, name="proj_c_q")(q)  # [B, N, H, c]
     k_c = _ChannelLinear(self.reduced_c, self.param_dtype, name="proj_c_k")(k)
     # Ours (the official code has no padding): padded / pruned tokens' rows are zeroed before
@@ -391,6 +402,33 @@ class MaskPredictor(nn.Module):
     for t in range(1, self.basis_topk):
       approx = approx + top_coef[..., t, None] * basis_t[top_index[..., t]]
     return approx
+
+
+class TokenProjections(nn.Module):
+  """proj_n and proj_back_n [length, n_down] shared by every Sparsifiner layer of a model.
+
+  Ours, not the paper's: the official predictor has its own [N, n_down] pair per layer, which
+  on a narrow model over long sequences costs more parameters than the rest of the model (the
+  32-wide LRA Pathfinder encoder: +248 % over dense at the smallest n_down). Sharing one pair
+  across the layers is the nearest setting within a parameter budget (``docs/sparsifiner.md``,
+  "Shared token-axis projections"). A model creates it once, through
+  ``SparsifinerAttention.shared_across_layers``, and hands it to every layer.
+
+  Attributes:
+    length: N; reduced_n: n_down; param_dtype: parameter dtype.
+
+  Call: () -> (proj_n, proj_back_n), each [length, reduced_n] in ``param_dtype``, trunc-normal
+  (0.02) initialised with logical axes ('length', None), as the per-layer parameters.
+  """
+  length: int
+  reduced_n: int
+  param_dtype: base.Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self) -> tuple[jax.Array, jax.Array]:
+    init = nn.with_logical_partitioning(predictor_init, ("length", None))
+    return tuple(self.param(name, init, (self.length, self.reduced_n), self.param_dtype)
+                 for name in ("proj_n", "proj_back_n"))
 
 
 class SparsifinerAttention(nn.Module):
@@ -430,6 +468,11 @@ class SparsifinerAttention(nn.Module):
     param_dtype: parameter dtype.
     kernel_init: the q/k/v/proj kernel initializer (None: xavier-uniform, LRA's; the vision
       models pass timm's trunc-normal(0.02)); the predictor keeps its trunc-normal(0.02).
+    share_token_projections: ours: one proj_n / proj_back_n pair for all the model's layers
+      (``TokenProjections``) instead of one per layer; needs a model that creates it
+      (``shared_across_layers``: the LRA encoders).
+    token_projections: the shared ``TokenProjections`` module, set by the model (not a
+      config value).
 
   Call: ``x`` [batch, length, features], ``mask`` bool [batch, length] (True = real token),
   ``deterministic`` (False enables attention dropout, rng stream 'dropout'), ``token_keep``
@@ -442,10 +485,11 @@ class SparsifinerAttention(nn.Module):
   Raises:
     ValueError: keep_rate or token_keep_rate outside (0, 1]; unknown path or predictor_scale;
       n_down < 1 (reduce_n_factor) or c < 1 (reduce_c_factor); basis_topk outside [1, n_down];
-      a length other than the one proj_n was initialised for; token pruning without a CLS
-      token; a CLS model with fewer than 2 tokens; a mask of the wrong shape; heads that do not
-      divide qkv_features; ``token_keep`` of the wrong shape or without ``kept_patches``, or a
-      token budget above ``kept_patches`` (the official top-k would bring pruned tokens back).
+      a length other than the one proj_n was initialised for; share_token_projections without
+      a shared module from the model; token pruning without a CLS token; a CLS model with fewer
+      than 2 tokens; a mask of the wrong shape; heads that do not divide qkv_features;
+      ``token_keep`` of the wrong shape or without ``kept_patches``, or a token budget above
+      ``kept_patches`` (the official top-k would bring pruned tokens back).
   """
   #: The vision blocks may pass a running token keep mask (``token_keep``, ``kept_patches``).
   supports_token_pruning = True
@@ -469,6 +513,26 @@ class SparsifinerAttention(nn.Module):
   dtype: base.Dtype = jnp.float32
   param_dtype: base.Dtype = jnp.float32
   kernel_init: base.Initializer | None = None
+  share_token_projections: bool = False
+  token_projections: Any = None
+
+  @classmethod
+  def shared_across_layers(cls, kwargs: dict[str, Any], length: int) -> dict[str, Any]:
+    """A multi-layer model's hook, called in its own compact scope before it builds the layers:
+    with ``kwargs['share_token_projections']``, creates the one ``TokenProjections`` module
+    (named 'shared_token_projections', n_down = ``length`` // reduce_n_factor) and returns
+    ``kwargs`` with ``token_projections`` set to it; otherwise ``kwargs`` unchanged.
+
+    Args:
+      kwargs: the layers' attention options; length: the sequence length N the layers see.
+    """
+    if not kwargs.get("share_token_projections"):
+      return kwargs
+    factor = kwargs.get("reduce_n_factor", cls.reduce_n_factor)
+    shared = TokenProjections(length, max(length // factor, 1),
+                              kwargs.get("param_dtype", jnp.float32),
+                              name="shared_token_projections")
+    return {**kwargs, "token_projections": shared}
 
   @classmethod
   def sized_for(cls, length: int, *, grid: tuple[int, int] | None = None,
@@ -485,8 +549,10 @@ class SparsifinerAttention(nn.Module):
     dense baseline has none; the output projection keeps the official bias), and n_down lowered
     until the added parameters, per layer 2 (d c + c) + 2 N n_down + C, fit
     ``budget.extra_parameters``, but not below basis_topk = 8, the method's smallest n_down.
-    At that floor the per-layer token-axis projections may still exceed the budget (the
-    32-wide Pathfinder model): ``configs/lra/common.py`` then states the overhead.
+    Where the per-layer token-axis projections exceed the budget even at that floor (the
+    32-wide Pathfinder model) and the model has several layers, the layers share one pair
+    (``share_token_projections``, ours: 2 N n_down / L per layer) with the n_down that fits;
+    ``configs/lra/common.py`` states any overhead left.
     """
     del sr_ratio
     if grid is None:
@@ -500,13 +566,19 @@ class SparsifinerAttention(nn.Module):
       settings["use_bias"] = False
       head_dim = budget.qkv_features // budget.num_heads
       c = max(1, head_dim // settings.get("reduce_c_factor", cls.reduce_c_factor))
-      fixed = 2 * (head_dim * c + c) + budget.features
-      n_fit = (budget.extra_parameters - fixed) // (2 * length)
-      factor, floor = settings["reduce_n_factor"], cls.basis_topk
-      while length // factor > max(n_fit, floor):
-        factor += 1
-      if length // factor < min(floor, length):
-        factor = max(1, length // floor)
+      room = budget.extra_parameters - 2 * (head_dim * c + c) - budget.features
+      floor = cls.basis_topk
+
+      def fitting_factor(n_fit: int) -> int:
+        factor = settings["reduce_n_factor"]
+        while length // factor > max(n_fit, floor):
+          factor += 1
+        return max(1, length // floor) if length // factor < min(floor, length) else factor
+
+      factor = fitting_factor(room // (2 * length))
+      if 2 * length * (length // factor) > room and budget.num_layers > 1:
+        settings["share_token_projections"] = True
+        factor = fitting_factor(room * budget.num_layers // (2 * length))
       settings["reduce_n_factor"] = factor
     return settings
 
@@ -570,6 +642,10 @@ class SparsifinerAttention(nn.Module):
     batch, length, features = x.shape
     _, head_dim = base.head_dims(features, self.qkv_features, self.num_heads, _NAME)
     k_att, n_down, c, token_budget = self._sizes(length, head_dim)
+    if self.share_token_projections and self.token_projections is None:
+      raise ValueError(f"{_NAME}: share_token_projections=True needs the shared proj_n / "
+                       "proj_back_n from the model (SparsifinerAttention.shared_across_layers, "
+                       "called by the LRA encoders); this model does not create them")
     prior = self._token_keep(token_keep, kept_patches, x, token_budget)   # [B, N]
     proj = lambda name: base.HeadProjection(  # noqa: E731
         self.num_heads, head_dim, self.use_bias, self.dtype, self.param_dtype,
@@ -585,6 +661,7 @@ class SparsifinerAttention(nn.Module):
         self.num_heads, c, n_down, self.reduce_n_factor, self.predictor_scale,
         self.basis_threshold, self.basis_topk, self.recon_mode, self.has_cls_token,
         self.block_size if self.path == "block" else None, self.param_dtype,
+        token_projections=self.token_projections,
         name="mask_predictor")(q, k, valid & prior)   # [B, H, Nq, N] (block path: [B, H, NB, NB])
     self.sow("intermediates", "approx_attn", approx)
     scale = head_dim ** -0.5

@@ -119,9 +119,13 @@ class EncoderBlock(nn.Module):
       rngs = {} if deterministic else {
           stream: self.make_rng(stream) for stream in ("dropout", "clustering")
           if self.has_rng(stream)}
+      params = dict(attention.variables["params"])
+      for field in dataclasses.fields(attention):  # modules shared between layers (as children)
+        shared = getattr(attention, field.name)
+        if isinstance(shared, nn.Module):
+          params[field.name] = shared.variables["params"]
       uniform = attention.clone(parent=None, name=None).apply(
-          {"params": attention.variables["params"]}, mean, None, deterministic=deterministic,
-          rngs=rngs)
+          {"params": params}, mean, None, deterministic=deterministic, rngs=rngs)
       out = jnp.where(mask[..., None], out, uniform)
     y = out
     x = x + nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
@@ -187,8 +191,12 @@ class TransformerEncoder(nn.Module):
     x = x + jnp.asarray(pos, x.dtype)
     x = nn.Dropout(self.dropout_rate)(x, deterministic=not train)
     x = nn.with_logical_constraint(x, ("batch", "length", "activation_embed"))
+    attention_kwargs = dict(self.attention_kwargs or {})
+    share = getattr(attention_cls, "shared_across_layers", None)
+    if share is not None:  # parameters a mechanism shares between its layers, in this scope
+      attention_kwargs = share(attention_kwargs, length)
     for i in range(self.num_layers):
-      x = EncoderBlock(attention_cls, dict(self.attention_kwargs or {}), self.num_heads,
+      x = EncoderBlock(attention_cls, attention_kwargs, self.num_heads,
                        self.qkv_dim, self.mlp_dim, self.dropout_rate,
                        self.attention_dropout_rate, self.dtype, self.lra_padding,
                        name=f"block_{i}")(x, mask, deterministic=not train)
