@@ -10,8 +10,10 @@ and with the attention products our layers actually compute; XLA's cost analysis
 eval forward (a multiply-add counts 2; every operation, the clustering included). A check row
 reproduces the official ClusTR classifiers' FLOPs at 224 x 224 (``ClusTR.py`` comments).
 Reported figures: PVT (Wang et al. ICCV 2021, Table 3, Semantic FPN on ADE20K) and PVTv2 (Wang
-et al. CVMJ 2022, Table 4), whose b1/b2/b3 pyramids ClusTR-T/S/B follow (same widths and depths;
-``docs/vision.md``).
+et al. CVMJ 2022, Table 4) b1/b2/b3, whose names the ClusTR code reuses. The pyramids are not the
+same: PVTv2-b1/b2/b3 (= PVT-Tiny/Small/Medium) have widths (64, 128, 320, 512) and depths
+(2, 2, 2, 2) / (3, 4, 6, 3) / (3, 4, 18, 3) (``whai362/PVT`` ``classification/pvt_v2.py``),
+ClusTR-T/S/B (64, 128, 256 | 256 | 320, 512) and (1, 2, 6, 1) / (3, 5, 13, 2) / (3, 5, 18, 3).
 
 Timing (``--timing``): the jitted ClusTR-T backbone forward (``features_only``) at batch 1 and
 the jitted ``dpc_knn_cluster`` alone on each clustered stage's tokens (random normal, the stage's
@@ -53,8 +55,9 @@ MODELS = [  # (label, registry name, options, backbone variant)
     ("ClusTR-B + FPN", "clustr_b_fpn", {}, "b3"),
 ]
 #: Reported Semantic FPN figures on ADE20K (params M, GFLOPs at 512 x 512, val mIoU) of the PVT
-#: pyramids beside ours: PVTv2 (Wang et al., CVMJ 2022, Table 4) b1/b2/b3 have ClusTR-T/S/B's
-#: widths and depths; PVT (Wang et al., ICCV 2021, Table 3) Tiny/Small/Medium.
+#: pyramids of the same names and size classes (not the same widths and depths; module
+#: docstring): PVTv2 (Wang et al., CVMJ 2022, Table 4) b1/b2/b3; PVT (Wang et al., ICCV 2021,
+#: Table 3) Tiny/Small/Medium.
 REPORTED = {
     "b1": "PVTv2-b1: 17.8M / 34.2G / 42.5; PVT-Tiny: 17.0M / 33.2G / 35.7",
     "b2": "PVTv2-b2: 29.1M / 45.8G / 45.2; PVT-Small: 28.2M / 44.5G / 39.8",
@@ -223,8 +226,11 @@ def main() -> None:
            "2 FLOPs, and it counts everything (the DPC-kNN distance matrices, N^2 C per "
            "clustering, 16,384^2 x 64 in stage 1; softmax; resizes).",
            "- **reported**: params / GFLOPs (MACs, the official convention) / ADE20K val mIoU of "
-           "Semantic FPN on the PVT pyramid with the same widths and depths (PVTv2 Table 4, PVT "
-           "Table 3).", "",
+           "Semantic FPN on the PVT pyramids of the same names (PVTv2 Table 4, PVT Table 3). "
+           "They are not the same networks: PVTv2-b1/b2/b3 (and PVT-Tiny/Small/Medium) have "
+           "widths (64, 128, 320, 512) and depths (2, 2, 2, 2) / (3, 4, 6, 3) / (3, 4, 18, 3); "
+           "ClusTR-T/S/B have stage-3 widths 256 / 256 / 320 and depths (1, 2, 6, 1) / "
+           "(3, 5, 13, 2) / (3, 5, 18, 3).", "",
            "| model | parameters | backbone | mmcv GMAC | official GMAC | mmcv + actual "
            "attention GMAC | XLA GFLOP | reported (PVT family, Semantic FPN) |",
            "|---|---|---|---|---|---|---|---|"]
