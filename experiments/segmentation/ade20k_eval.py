@@ -19,8 +19,8 @@ Semantic FPN run); without it the model keeps its random initialisation (seed 0)
 near zero: such a run shows that the pass works at 512 x 512 and what it costs.
 
 Timing: the eval step is compiled ahead (``lower().compile()``, timed apart); each image is then
-one call of the compiled step (batch 1), and the median over the images is reported. Memory: XLA's compiled temp and
-argument sizes of the eval step, and the process's peak resident set. On a shared CPU the times
+one call of the compiled step (batch 1), and the median over the images is reported. Memory:
+XLA's compiled temp and argument sizes of the eval step, and the process's peak resident set. On a shared CPU the times
 are taken under load.
 
   python experiments/segmentation/ade20k_eval.py \
