@@ -20,8 +20,8 @@ near zero: such a run shows that the pass works at 512 x 512 and what it costs.
 
 Timing: the eval step is compiled ahead (``lower().compile()``, timed apart); each image is then
 one call of the compiled step (batch 1), and the median over the images is reported. Memory:
-XLA's compiled temp and argument sizes of the eval step, and the process's peak resident set. On a shared CPU the times
-are taken under load.
+XLA's compiled temp and argument sizes of the eval step, and the process's peak resident set.
+On a shared CPU the times are taken under load.
 
   python experiments/segmentation/ade20k_eval.py \
       --data_dir=/work/shared/data/segmentation/ade20k_tiny_512 --out=ade20k_eval_tiny_random
