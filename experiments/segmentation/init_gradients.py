@@ -9,7 +9,9 @@ Reported per run: the global gradient norm (the loop's ``grad_norm``), the norm 
 group (backbone patch embeddings / stage blocks / stage norms, FPN neck, FPN head) and the
 parameters with the largest gradient norms. ``--variant`` repeats the gradient with a change to
 locate the cause (``docs/segmentation.md``, "Gradient norm at initialisation"):
-``no_noise`` (no clustering density noise), ``eval`` (train=False: no dropout, no noise).
+``eval`` (train=False: no dropout, no clustering noise), ``noise_pad`` (the crops' padding,
+image 0 after normalisation, replaced by standard normal noise; labels unchanged, still
+ignored).
 
   python experiments/segmentation/init_gradients.py --data_dir=/path/to/CamVid
 
@@ -56,7 +58,8 @@ def group_of(path: tuple[str, ...]) -> str:
 
 
 def gradients(attention: str, data_dir: str, variant: str):
-  """(loss, flat gradients {path: array}) of the first batch at the initial parameters."""
+  """(loss, flat gradients {path: array}, padded fraction of the batch's pixels) of the first
+  batch at the initial parameters."""
   config = common.load(f"configs/segmentation/clustr_fpn.py:cpu,attention={attention}")
   config.dataset.data_dir = data_dir
   dataset = camvid.load_dataset(config, pathlib.Path("."))
@@ -64,9 +67,12 @@ def gradients(attention: str, data_dir: str, variant: str):
   model = models.from_config(config.model, dataset.model_kwargs)
   rng = jax.random.key(config.seed)
   init_rng, step_rng = jax.random.split(rng)
-  if variant == "no_noise":
-    model = model.clone(attention_kwargs={"density_noise": False})
-  images = jnp.asarray(batch["images"])
+  images = np.asarray(batch["images"])
+  if variant == "noise_pad":
+    padded = (images == 0).all(-1)                                    # [B, h, w]
+    noise = np.random.default_rng(0).standard_normal(images.shape).astype(np.float32)
+    images = np.where(padded[..., None], noise, images)
+  images = jnp.asarray(images)
   params = nn.meta.unbox(jax.jit(functools.partial(model.init, train=False))(
       init_rng, jnp.zeros_like(images))["params"])
   dropout_rng, clustering_rng = jax.random.split(jax.random.fold_in(step_rng, 0))
@@ -77,17 +83,20 @@ def gradients(attention: str, data_dir: str, variant: str):
     return losses.task_loss("segmentation", logits, jnp.asarray(batch["targets"]))
 
   loss, grads = jax.jit(jax.value_and_grad(loss_fn))(params)
-  return float(loss), flax.traverse_util.flatten_dict(jax.device_get(grads))
+  padded = float((np.asarray(batch["images"]) == 0).all(-1).mean())
+  return float(loss), flax.traverse_util.flatten_dict(jax.device_get(grads)), padded
 
 
-def report(attention: str, variant: str, loss: float, flat: dict) -> list[str]:
+def report(attention: str, variant: str, loss: float, flat: dict, padded: float
+           ) -> list[str]:
   norms = {k: float(np.linalg.norm(v)) for k, v in flat.items()}
   total = float(np.sqrt(sum(n ** 2 for n in norms.values())))
   groups = collections.defaultdict(float)
   for k, n in norms.items():
     groups[group_of(k)] += n ** 2
   lines = [f"## {attention} ({variant})", "",
-           f"loss {loss:.4f}, global gradient norm **{total:,.1f}**", "",
+           f"loss {loss:.4f}, global gradient norm **{total:,.1f}**; padded pixels (image 0) "
+           f"{padded:.1%} of the batch", "",
            "| group | gradient norm | share of squared norm |", "|---|---|---|"]
   for g, sq in sorted(groups.items(), key=lambda kv: -kv[1])[:10]:
     lines.append(f"| {g} | {np.sqrt(sq):,.2f} | {sq / total ** 2:.1%} |")
@@ -110,10 +119,10 @@ def main() -> None:
            f"{os.getloadavg()[0]:.1f}; nothing timed).", ""]
   for attention in args.attentions.split(","):
     for variant in args.variants.split(","):
-      if variant not in ("train", "no_noise", "eval"):
-        parser.error(f"--variants: {variant!r} unknown (train, no_noise, eval)")
-      loss, flat = gradients(attention, args.data_dir, variant)
-      lines += report(attention, variant, loss, flat)
+      if variant not in ("train", "eval", "noise_pad"):
+        parser.error(f"--variants: {variant!r} unknown (train, eval, noise_pad)")
+      loss, flat, padded = gradients(attention, args.data_dir, variant)
+      lines += report(attention, variant, loss, flat, padded)
       print("\n".join(lines[-20:]), flush=True)
   RESULTS.mkdir(parents=True, exist_ok=True)
   (RESULTS / "init_gradients.md").write_text("\n".join(lines))
