@@ -1,5 +1,6 @@
-"""Tests of the mmcv-convention MAC counter (experiments/segmentation/mmcv_flops.py) and of the
-segmentation model table's extra terms; shapes only, nothing timed.
+"""Tests of the segmentation experiments' pieces: the mmcv-convention MAC counter
+(experiments/segmentation/mmcv_flops.py), the model table's extra terms and the ADE20K
+evaluation pass's data (ade20k_eval.py); shapes only, nothing timed.
 
 The scripts are loaded from their paths, as when run.
 """
@@ -11,6 +12,8 @@ import sys
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
+from PIL import Image
 
 from clustr_jax import models
 
@@ -28,6 +31,8 @@ def _load(name):
 
 mmcv_flops = _load("mmcv_flops")
 model_table = _load("model_table")
+ade20k_eval = _load("ade20k_eval")
+TINY_512 = pathlib.Path(__file__).resolve().parent / "data" / "segmentation" / "ade20k_tiny_512"
 
 
 class Tiny(nn.Module):
@@ -90,3 +95,19 @@ def test_sra_flops_is_pvts_formula():
   want = (2 * 56 * 56 * 7 * 7 * 64 + 2 * 2 * 28 * 28 * 7 * 7 * 128 + 6 * 2 * 14 * 14 * 7 * 7 * 256
           + 2 * 7 * 7 * 7 * 7 * 512)
   assert model_table.sra_flops(224, variant) == want
+
+
+def test_ade20k_eval_reads_the_pre_padded_512_copy():
+  config, dataset = ade20k_eval.load(str(TINY_512), "clustr_t")
+  (pair,) = dataset.pairs("val")
+  assert config.model.name == "clustr_t_fpn" and tuple(config.dataset.eval_size) == (512, 704)
+  (batch,) = list(dataset.eval_batches("val", batch_size=1))
+  assert batch["images"].shape == (1, 512, 704, 3) and batch["weights"].tolist() == [1.0]
+  targets = batch["targets"][0]
+  raw = np.asarray(Image.open(pair.label))
+  # The 512 x 512 pair is kept as is (short side already 512); the canvas adds 192 columns.
+  np.testing.assert_array_equal(targets[:, 512:], 255)
+  np.testing.assert_array_equal(targets[:, :512][raw == 255], 255)      # padding ignored
+  np.testing.assert_array_equal(targets[:, :512][raw == 0], 255)        # 'other' ignored
+  labelled = (raw != 255) & (raw != 0)
+  np.testing.assert_array_equal(targets[:, :512][labelled], raw[labelled].astype(np.int32) - 1)
