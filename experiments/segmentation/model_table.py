@@ -2,14 +2,18 @@ r"""Parameters and FLOPs of ClusTR-T/S/B + Semantic FPN at 512 x 512 (ADE20K, 15
 PVT's and PVTv2's reported Semantic FPN figures, and the DPC-kNN clustering's share of the
 ClusTR-T backbone's forward time at 512 x 512 (16,384 stage-1 tokens).
 
-Counting: parameters from ``jax.eval_shape`` of ``init``; FLOPs from XLA's cost analysis of the
-lowered eval forward (batch 1, nothing runs), which counts a multiply-add as 2 and counts every
-operation (the clustering's distance matrices, attention products, resizes); GMAC = GFLOP / 2 is
-the papers' convention (mmcv's ``get_flops`` counts multiply-adds of conv and linear layers and
-leaves the attention products out, so the reported figures are lower for the same network;
-``docs/clustr.md``, "Cost"). Reported figures: PVT (Wang et al. ICCV 2021, Table 3, Semantic FPN
-on ADE20K) and PVTv2 (Wang et al. CVMJ 2022, Table 4), whose b1/b2/b3 pyramids ClusTR-T/S/B
-follow (same widths and depths; ``docs/vision.md``).
+Counting (computed from shapes; nothing runs): parameters from ``jax.eval_shape`` of ``init``;
+multiply-accumulates in mmcv's convention (``mmcv_flops.py``; the papers' ``get_flops.py``)
+with and without PVT's hand-added ``sra_flops`` attention term (PVT ``classification/
+get_flops.py`` / ``detection/get_flops.py``; the same function in ClusTR's ``get_flops.py``),
+and with the attention products our layers actually compute; XLA's cost analysis of the lowered
+eval forward (a multiply-add counts 2; every operation, the clustering included). A check row
+reproduces the official ClusTR classifiers' FLOPs at 224 x 224 (``ClusTR.py`` comments).
+Reported figures: PVT (Wang et al. ICCV 2021, Table 3, Semantic FPN on ADE20K) and PVTv2 (Wang
+et al. CVMJ 2022, Table 4) b1/b2/b3, whose names the ClusTR code reuses. The pyramids are not the
+same: PVTv2-b1/b2/b3 (= PVT-Tiny/Small/Medium) have widths (64, 128, 320, 512) and depths
+(2, 2, 2, 2) / (3, 4, 6, 3) / (3, 4, 18, 3) (``whai362/PVT`` ``classification/pvt_v2.py``),
+ClusTR-T/S/B (64, 128, 256 | 256 | 320, 512) and (1, 2, 6, 1) / (3, 5, 13, 2) / (3, 5, 18, 3).
 
 Timing (``--timing``): the jitted ClusTR-T backbone forward (``features_only``) at batch 1 and
 the jitted ``dpc_knn_cluster`` alone on each clustered stage's tokens (random normal, the stage's
@@ -27,6 +31,7 @@ import csv
 import os
 import pathlib
 import platform
+import sys
 import time
 
 import jax
@@ -37,30 +42,94 @@ from clustr_jax import models
 from clustr_jax.attention import clustr as clustr_attention
 from clustr_jax.models import clustr_vit
 
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # noqa: E402
+import mmcv_flops  # noqa: E402
+
 REPO = pathlib.Path(__file__).resolve().parents[2]
 RESULTS = REPO / "experiments" / "segmentation" / "results"
 SIZE = 512
-MODELS = [  # (label, registry name, options, reported figures of the matching PVT pyramid)
-    ("ClusTR-T + FPN", "clustr_t_fpn", {}, "PVTv2-b1 + FPN: 17.8M / 34.2G / 42.5 mIoU; "
-                                           "PVT-Tiny + FPN: 17.0M / 33.2G / 35.7"),
-    ("ClusTR-T + FPN, dense stages 1-3", "clustr_t_fpn", {"attention": "dense"}, "-"),
-    ("ClusTR-S + FPN", "clustr_s_fpn", {}, "PVTv2-b2 + FPN: 29.1M / 45.8G / 45.2; "
-                                           "PVT-Small + FPN: 28.2M / 44.5G / 39.8"),
-    ("ClusTR-B + FPN", "clustr_b_fpn", {}, "PVTv2-b3 + FPN: 49.0M / 62.4G / 47.3; "
-                                           "PVT-Medium + FPN: 48.0M / 61.0G / 41.6"),
+MODELS = [  # (label, registry name, options, backbone variant)
+    ("ClusTR-T + FPN", "clustr_t_fpn", {}, "b1"),
+    ("ClusTR-T + FPN, dense stages 1-3", "clustr_t_fpn", {"attention": "dense"}, "b1"),
+    ("ClusTR-S + FPN", "clustr_s_fpn", {}, "b2"),
+    ("ClusTR-B + FPN", "clustr_b_fpn", {}, "b3"),
 ]
+#: Reported Semantic FPN figures on ADE20K (params M, GFLOPs at 512 x 512, val mIoU) of the PVT
+#: pyramids of the same names and size classes (not the same widths and depths; module
+#: docstring): PVTv2 (Wang et al., CVMJ 2022, Table 4) b1/b2/b3; PVT (Wang et al., ICCV 2021,
+#: Table 3) Tiny/Small/Medium.
+REPORTED = {
+    "b1": "PVTv2-b1: 17.8M / 34.2G / 42.5; PVT-Tiny: 17.0M / 33.2G / 35.7",
+    "b2": "PVTv2-b2: 29.1M / 45.8G / 45.2; PVT-Small: 28.2M / 44.5G / 39.8",
+    "b3": "PVTv2-b3: 49.0M / 62.4G / 47.3; PVT-Medium: 48.0M / 61.0G / 41.6",
+}
+#: The official ClusTR classifiers' FLOPs at 224 x 224 (``YtongXie/ClusTR`` ``ClusTR.py``,
+#: trailing comments, printed by its ``get_flops.py``), the check of the convention.
+OFFICIAL_CLASSIFIER = {"clustr_t": ("b1", 2.15), "clustr_s": ("b2", 4.8), "clustr_b": ("b3", 7.48)}
 
 
-def count_and_flops(name: str, options: dict) -> tuple[int, int, float]:
-  """(all parameters, backbone parameters, XLA FLOPs of one eval forward at 512 x 512)."""
-  model = models.get(name, num_classes=150, **options)
-  x = jax.ShapeDtypeStruct((1, SIZE, SIZE, 3), jnp.float32)
+def sra_flops(size: int, variant: dict) -> int:
+  """PVT's hand-added attention term for one pyramid at ``size`` x ``size``: sum over stages of
+  2 (H / s_i)(W / s_i)(H / s_i / r_i)(W / s_i / r_i) C_i x depth_i (official ``get_flops.py``
+  ``sra_flops``: the MACs of Q K^T and A V with PVT's spatially reduced keys)."""
+  out = 0
+  for i, stride in enumerate((4, 8, 16, 32)):
+    h = size // stride
+    r, dim = variant["sr_ratios"][i], variant["embed_dims"][i]
+    out += 2 * h * h * (h // r) * (h // r) * dim * variant["depths"][i]
+  return out
+
+
+def attention_products(calls: list[mmcv_flops.Call]) -> int:
+  """The MACs of Q K^T and A V that our attention layers actually compute, 2 N_q N_k H d per
+  key set, from the recorded projections: queries ``q`` / ``query`` [B, N, H, d], keys
+  ``kv1`` / ``kv2`` (ClusTR's two cluster scales) or ``key`` [B, N_k, H, d] of the same layer."""
+  queries = {c.path.rpartition("/")[0]: c.output_shape for c in calls
+             if c.path.rpartition("/")[2] in ("q", "query")}
+  out = 0
+  for c in calls:
+    layer, _, name = c.path.rpartition("/")
+    if name in ("key", "kv1", "kv2", "kv"):
+      batch, n, heads, dim = queries[layer]
+      out += 2 * batch * n * c.output_shape[1] * heads * dim
+  return out
+
+
+def head_functional_terms(calls: list[mmcv_flops.Call]) -> int:
+  """mmcv's count of the FPN head modules we compute functionally: mmsegmentation's ``FPNHead``
+  has an ``nn.ReLU`` after each GroupNorm (numel) and an ``nn.Upsample`` (x2, numel of its
+  output = 4 x the norm's numel) in each stage of the levels above stride 4."""
+  out = 0
+  for c in calls:
+    if c.kind == "GroupNorm" and c.path.startswith("head/"):
+      numel = int(np.prod(c.input_shape))
+      level = int(c.path.split("/")[1].split("_")[0].removeprefix("scale"))
+      out += numel + (4 * numel if level > 1 else 0)
+  return out
+
+
+def count_and_flops(name: str, options: dict, size: int = SIZE) -> dict:
+  """Parameters and operation counts of one eval forward at ``size`` x ``size`` (batch 1).
+
+  Returns a dict: ``params``, ``backbone_params`` (the segmentation models' backbone subtree;
+  all parameters for a classifier), ``mmcv`` (the modules' MACs in mmcv's convention,
+  ``mmcv_flops`` plus ``head_functional_terms``), ``attention`` (``attention_products``),
+  ``xla`` (XLA's FLOP count of the lowered program).
+  """
+  segmentation = name.endswith("_fpn")
+  model = models.get(name, num_classes=150 if segmentation else 1000, **options)
+  x = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
   variables = jax.eval_shape(model.init, jax.random.key(0), x)
   count = lambda tree: sum(int(np.prod(p.shape)) for p in jax.tree.leaves(tree))  # noqa: E731
-  lowered = jax.jit(lambda v, x: model.apply(v, x, train=False)).lower(variables, x)
-  cost = lowered.cost_analysis()
+  apply = lambda v, x: model.apply(v, x, train=False)  # noqa: E731
+  calls = mmcv_flops.count_macs(apply, variables, x)
+  cost = jax.jit(apply).lower(variables, x).cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  return count(variables), count(variables["params"]["backbone"]), float(cost["flops"])
+  params = variables["params"]
+  return {"params": count(variables),
+          "backbone_params": count(params["backbone"] if segmentation else params),
+          "mmcv": mmcv_flops.total(calls) + head_functional_terms(calls),
+          "attention": attention_products(calls), "xla": float(cost["flops"])}
 
 
 def _median_time(fn, *args, repeats: int) -> float:
@@ -116,35 +185,67 @@ def main() -> None:
     print("\n".join(lines))
     return
   rows = []
-  for label, name, options, reported in MODELS:
-    params, backbone, flops = count_and_flops(name, options)
+  for label, name, options, variant in MODELS:
+    c = count_and_flops(name, options)
+    sra = sra_flops(SIZE, clustr_vit.VARIANTS[variant])
     rows.append({"model": label, "registry": name, "options": options or "",
-                 "params": params, "params_M": round(params / 1e6, 2),
-                 "backbone_params_M": round(backbone / 1e6, 2),
-                 "xla_GFLOP": round(flops / 1e9, 1), "xla_GMAC": round(flops / 2e9, 1),
-                 "reported": reported})
+                 "params": c["params"], "params_M": round(c["params"] / 1e6, 2),
+                 "backbone_params_M": round(c["backbone_params"] / 1e6, 2),
+                 "mmcv_GMAC": round(c["mmcv"] / 1e9, 2),
+                 "official_GMAC": round((c["mmcv"] + sra) / 1e9, 2),
+                 "actual_attention_GMAC": round((c["mmcv"] + c["attention"]) / 1e9, 2),
+                 "xla_GFLOP": round(c["xla"] / 1e9, 1),
+                 "reported": REPORTED[variant] if not options else "-"})
     print(rows[-1], flush=True)
+  checks = []
+  for name, (variant, reported) in OFFICIAL_CLASSIFIER.items():
+    c = count_and_flops(name, {}, size=224)
+    sra = sra_flops(224, clustr_vit.VARIANTS[variant])
+    checks.append(f"| {name} ({variant}) | {c['params']:,} | {c['mmcv'] / 1e9:.3f} | "
+                  f"{sra / 1e9:.3f} | {(c['mmcv'] + sra) / 1e9:.3f} | {reported} |")
+    print(checks[-1], flush=True)
   with open(RESULTS / "model_table.csv", "w", newline="") as f:
     writer = csv.DictWriter(f, fieldnames=list(rows[0]))
     writer.writeheader()
     writer.writerows(rows)
   lines = ["# ClusTR + Semantic FPN at 512 x 512: parameters and FLOPs", "",
-           f"`python experiments/segmentation/model_table.py` (jax {jax.__version__}; XLA cost "
-           "analysis of the lowered eval forward, batch 1, 512 x 512, 150 classes; GMAC = XLA "
-           "GFLOP / 2). Reported: params / GFLOPs (MACs, mmcv count) / ADE20K val mIoU of the "
-           "PVT pyramid with the same widths and depths (PVT Table 3, PVTv2 Table 4).", "",
-           "| model | parameters | backbone | XLA GFLOP | XLA GMAC | reported (PVT family) |",
-           "|---|---|---|---|---|---|"]
+           f"`python experiments/segmentation/model_table.py` (jax {jax.__version__}; batch 1, "
+           "512 x 512, 150 classes; computed from shapes, nothing timed).", "",
+           "- **mmcv**: multiply-accumulates of the layers mmcv's `get_model_complexity_info` "
+           "hooks (`mmcv_flops.py`): conv (with bias), linear, LayerNorm / GroupNorm (x2, "
+           "affine), and the FPN head's ReLU and x2 `nn.Upsample`; no attention products, no "
+           "clustering, no GELU, no functional resizes.",
+           "- **official**: mmcv + PVT's hand-added `sra_flops` term (2 N (N / r^2) C per "
+           "block), the convention of PVT's and ClusTR's `get_flops.py`; it reproduces the "
+           "official ClusTR classifiers' figures (below). For ClusTR it counts N / r^2 keys per "
+           "block, although ClusTR attends to N / r^2 + 4 N / r^2 cluster tokens. This is the "
+           "column to set beside the reported figures.",
+           "- **mmcv + actual attention**: mmcv + 2 N_q N_k C of every attention layer with the "
+           "keys it really uses (ClusTR's two cluster scales; all N tokens in dense stages).",
+           "- **XLA GFLOP**: XLA's cost analysis of the lowered eval forward; a multiply-add is "
+           "2 FLOPs, and it counts everything (the DPC-kNN distance matrices, N^2 C per "
+           "clustering, 16,384^2 x 64 in stage 1; softmax; resizes).",
+           "- **reported**: params / GFLOPs (MACs, the official convention) / ADE20K val mIoU of "
+           "Semantic FPN on the PVT pyramids of the same names (PVTv2 Table 4, PVT Table 3). "
+           "They are not the same networks: PVTv2-b1/b2/b3 (and PVT-Tiny/Small/Medium) have "
+           "widths (64, 128, 320, 512) and depths (2, 2, 2, 2) / (3, 4, 6, 3) / (3, 4, 18, 3); "
+           "ClusTR-T/S/B have stage-3 widths 256 / 256 / 320 and depths (1, 2, 6, 1) / "
+           "(3, 5, 13, 2) / (3, 5, 18, 3).", "",
+           "| model | parameters | backbone | mmcv GMAC | official GMAC | mmcv + actual "
+           "attention GMAC | XLA GFLOP | reported (PVT family, Semantic FPN) |",
+           "|---|---|---|---|---|---|---|---|"]
   for r in rows:
     lines.append(f"| {r['model']} | {r['params']:,} ({r['params_M']}M) | "
-                 f"{r['backbone_params_M']}M | {r['xla_GFLOP']} | {r['xla_GMAC']} | "
-                 f"{r['reported']} |")
-  lines += ["", "XLA's count includes the DPC-kNN distance matrices (N^2 C per clustering: "
-            "16,384^2 x 64 at stage 1), the attention products and the resizes, which mmcv's "
-            "count leaves out; the dense-stage row shows the pyramid without clustering.", ""]
+                 f"{r['backbone_params_M']}M | {r['mmcv_GMAC']} | {r['official_GMAC']} | "
+                 f"{r['actual_attention_GMAC']} | {r['xla_GFLOP']} | {r['reported']} |")
+  lines += ["", "The official column of the dense-stage row uses the same `sra_flops` term; its "
+            "actual attention (all 16,384 stage-1 keys) is in the next column.", "",
+            "Check of the convention on the ClusTR classifiers at 224 x 224 (1000 classes): "
+            "mmcv modules plus `sra_flops` against the figures in the official `ClusTR.py`.", "",
+            "| model | parameters | mmcv GMAC | sra_flops GMAC | mmcv + sra_flops | official |",
+            "|---|---|---|---|---|---|", *checks, ""]
   (RESULTS / "model_table.md").write_text("\n".join(lines))
   print("\n".join(lines))
-
 
 if __name__ == "__main__":
   main()
