@@ -108,8 +108,9 @@ def main() -> None:
       f"{jax.device_count()} {jax.default_backend()} device(s), {platform.machine()}, "
       f"{os.cpu_count()} CPUs; load average at the end ({load}). Within a pair only the path "
       "(and its block size) differs: same config, seed, data order and initialisation. "
-      "Steps/s are informational (short sequences; the block path's speed claims are the layer "
-      "benchmark's).", "",
+      "Steps/s are informational only: short sequences, and taken under the load shown (the "
+      "runs may share the machine); the block path's speed claims are the layer benchmark's, "
+      "taken with nothing else running.", "",
       "| run | path | tokens | keys per query | test acc | steps | train steps/s | attention |",
       "|---|---|---|---|---|---|---|---|"]
   lines += [f"| {r['run']} | {r['path']} | {r['tokens']} | {r['keys_per_query']} | "
