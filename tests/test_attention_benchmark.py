@@ -75,7 +75,8 @@ def test_block_target_lines_read_the_best_dense_layer():
           row("dense_tokamax.layer", "fwd+bwd", 1024, 90.0),
           row("sparsifiner_gather.layer", "fwd+bwd", 1024, 600.0),
           row("sparsifiner_block.layer", "fwd+bwd", 1024, 20.0),
-          {**row("sparsifiner_block.layer", "fwd+bwd", 4096, 100.0, memory_mib=300.0), "heads": 8},
+          {**row("sparsifiner_block.layer", "fwd+bwd", 4096, 100.0, memory_mib=600.0),
+           "temp_mib": 300.0, "heads": 8},
           row("dense.layer", "fwd+bwd", 4096, 700.0)]
   text = "\n".join(bench.target_lines(rows, {"matmul_gflop_per_s": 100.0}))
   assert ("fwd+bwd at N=1024: 4.50x the best dense layer (dense_tokamax.layer, 90.0 ms); 15.00x "
@@ -83,8 +84,8 @@ def test_block_target_lines_read_the_best_dense_layer():
           "**met**") in text
   assert "fwd+bwd at N=4096: 7.00x the best dense layer (dense.layer, 700.0 ms) " in text
   assert "(target >= 8x): **missed**" in text
-  assert "memory at N=4096: 300.0 MiB against one [H, N, N] float32 buffer (512 MiB): **met**" \
-      in text
+  assert ("temporaries at N=4096: 300.0 MiB (with arguments and outputs 600.0 MiB) against one "
+          "[H, N, N] float32 buffer (512 MiB): **met**") in text
 
 
 def test_dense_tokamax_cases_equal_the_xla_path():
