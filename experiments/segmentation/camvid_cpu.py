@@ -159,9 +159,9 @@ def _write(rows: list[dict], name: str, base: float, steps: int) -> None:
   lines = ["# ClusTR-T + Semantic FPN on the CamVid sample (CPU)", "",
            f"`configs/segmentation/clustr_fpn.py:cpu`, {steps} steps of batch 8 (128 x 128 "
            f"crops), from the same random start; val = the sample's 50 val pairs at 256 x 192. "
-           f"Majority class ({name}) everywhere: mIoU {base:.4f}. Timings on a shared 2-core "
-           f"CPU under load (load average at the end {load[0]:.1f}, {load[1]:.1f}, "
-           f"{load[2]:.1f}).", "",
+           f"Majority class ({name}) everywhere: mIoU {base:.4f}. Timings on a 2-core CPU, "
+           f"the runs one after another (load average at the end {load[0]:.1f}, {load[1]:.1f}, "
+           f"{load[2]:.1f}; above 2, other jobs shared the machine).", "",
            "| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
   lines += ["| " + " | ".join(str(v) for v in row.values()) + " |" for row in rows]
   (RESULTS / "camvid_cpu.md").write_text("\n".join(lines) + "\n")

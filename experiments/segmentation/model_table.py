@@ -17,8 +17,8 @@ ClusTR-T/S/B (64, 128, 256 | 256 | 320, 512) and (1, 2, 6, 1) / (3, 5, 13, 2) / 
 
 Timing (``--timing``): the jitted ClusTR-T backbone forward (``features_only``) at batch 1 and
 the jitted ``dpc_knn_cluster`` alone on each clustered stage's tokens (random normal, the stage's
-width), times the stage's depth; median of ``--repeats`` runs after a warm-up. On a shared CPU
-the numbers are taken under load.
+width), times the stage's depth; median of ``--repeats`` runs after a warm-up; the output
+records the load average (timings are claims only when it shows the machine to itself).
 
   python experiments/segmentation/model_table.py            # -> results/model_table.{md,csv}
   python experiments/segmentation/model_table.py --timing   # -> results/clustering_share.md
@@ -164,8 +164,8 @@ def timing(repeats: int) -> list[str]:
   return ["# DPC-kNN clustering's share of ClusTR-T's backbone time at 512 x 512", "",
           f"`python experiments/segmentation/model_table.py --timing --repeats={repeats}` "
           f"(jax {jax.__version__}, {platform.machine()} CPU, batch 1, float32, median of "
-          f"{repeats}; shared machine, load average {load[0]:.1f} / {load[1]:.1f} / "
-          f"{load[2]:.1f} at the end: timings under load).", "",
+          f"{repeats}; load average {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} at the end: "
+          f"above 2, other jobs shared the machine).", "",
           f"Backbone forward (4 stages, features_only): {total * 1e3:.0f} ms. Clustering of "
           f"stages 1-3 (every block clusters once): {clustering * 1e3:.0f} ms = "
           f"**{100 * clustering / total:.0f}%** of the backbone's time.", "",
