@@ -161,7 +161,7 @@ def _write(rows: list[dict], name: str, base: float, steps: int) -> None:
            f"crops), from the same random start; val = the sample's 50 val pairs at 256 x 192. "
            f"Majority class ({name}) everywhere: mIoU {base:.4f}. Timings on a 2-core CPU, "
            f"the runs one after another (load average at the end {load[0]:.1f}, {load[1]:.1f}, "
-           f"{load[2]:.1f}; above 2, other jobs shared the machine).", "",
+           f"{load[2]:.1f}; the run's own threads make about 2).", "",
            "| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
   lines += ["| " + " | ".join(str(v) for v in row.values()) + " |" for row in rows]
   (RESULTS / "camvid_cpu.md").write_text("\n".join(lines) + "\n")

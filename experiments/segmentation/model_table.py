@@ -165,7 +165,7 @@ def timing(repeats: int) -> list[str]:
           f"`python experiments/segmentation/model_table.py --timing --repeats={repeats}` "
           f"(jax {jax.__version__}, {platform.machine()} CPU, batch 1, float32, median of "
           f"{repeats}; load average {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} at the end: "
-          f"above 2, other jobs shared the machine).", "",
+          f"the run's own threads make about 2).", "",
           f"Backbone forward (4 stages, features_only): {total * 1e3:.0f} ms. Clustering of "
           f"stages 1-3 (every block clusters once): {clustering * 1e3:.0f} ms = "
           f"**{100 * clustering / total:.0f}%** of the backbone's time.", "",
