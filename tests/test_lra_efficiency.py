@@ -52,3 +52,16 @@ def test_ratios_read_the_best_dense_and_the_xla_path():
 def test_unknown_variant_is_an_error():
   with pytest.raises(SystemExit):
     efficiency.parse_args(["--variants=dense,linformer"])
+
+
+def test_length_table_cells():
+  rows = [{"variant": "dense.xla", "length": 1024, "median_ms": 400.0, "memory_mib": 800.0,
+           "steps_per_s": 2.5},
+          {"variant": "cast", "length": 1024, "median_ms": 100.0, "memory_mib": 50.0,
+           "steps_per_s": 10.0},
+          {"variant": "cast", "length": 2048, "median_ms": math.nan, "memory_mib": math.nan,
+           "steps_per_s": math.nan}]
+  efficiency.add_ratios(rows)
+  lines = efficiency._length_table(rows, [1024, 2048], "Speed", "steps_per_s", "speed", ".3g")
+  assert lines[0] == "## Speed (x best dense; x XLA path)"
+  assert lines[-1] == "| cast | 10 (4x; 4x) | - |"

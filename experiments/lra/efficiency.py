@@ -185,7 +185,6 @@ def write_outputs(rows: list[dict[str, Any]], info: dict[str, Any], output: path
     writer.writerows(rows)
   load = lambda t: ", ".join(f"{x:.2f}" for x in t)  # noqa: E731
   lengths = sorted({r["length"] for r in rows})
-  fmt = lambda v, suffix="": "-" if not math.isfinite(v) else f"{v:g}{suffix}"  # noqa: E731
   lines = [
       f"# LRA efficiency (Table 2 protocol): `{output.name}`", "",
       "Command: `" + " ".join(["python experiments/lra/efficiency.py", *args.argv]) + "`", "",
@@ -199,29 +198,10 @@ def write_outputs(rows: list[dict[str, Any]], info: dict[str, Any], output: path
       "the attention; for all of them attention dropout and `lra_padding` are off (see the "
       "script's docstring). Each mechanism has the settings and parameter budget its Text config "
       "gives it at the length. Memory = compiled arguments + outputs + temporaries - aliases.",
-      "",
-      "## Training steps/s (x best dense; x XLA path)", "",
-      "| variant | " + " | ".join(f"{n}" for n in lengths) + " |",
-      "|---|" + "---|" * len(lengths)]
-  for variant in dict.fromkeys(r["variant"] for r in rows):
-    cells = []
-    for n in lengths:
-      r = next((r for r in rows if (r["variant"], r["length"]) == (variant, n)), None)
-      cells.append("-" if r is None or not math.isfinite(r["steps_per_s"]) else
-                   f"{r['steps_per_s']:.3g} ({fmt(r['speed_vs_best_dense'], 'x')}; "
-                   f"{fmt(r['speed_vs_xla'], 'x')})")
-    lines.append(f"| {variant} | " + " | ".join(cells) + " |")
-  lines += ["", "## Compiled memory, MiB (x best dense; x XLA path)", "",
-            "| variant | " + " | ".join(f"{n}" for n in lengths) + " |",
-            "|---|" + "---|" * len(lengths)]
-  for variant in dict.fromkeys(r["variant"] for r in rows):
-    cells = []
-    for n in lengths:
-      r = next((r for r in rows if (r["variant"], r["length"]) == (variant, n)), None)
-      cells.append("-" if r is None or not math.isfinite(r["memory_mib"]) else
-                   f"{r['memory_mib']:.0f} ({fmt(r['memory_vs_best_dense'], 'x')}; "
-                   f"{fmt(r['memory_vs_xla'], 'x')})")
-    lines.append(f"| {variant} | " + " | ".join(cells) + " |")
+      ""]
+  lines += _length_table(rows, lengths, "Training steps/s", "steps_per_s", "speed", ".3g")
+  lines += [""] + _length_table(rows, lengths, "Compiled memory, MiB", "memory_mib", "memory",
+                                ".0f")
   published = ", ".join(f"{k} {v:g}x" for k, v in LRA_RELATIVE_4K.items())
   lines += ["", f"LRA's published training speed at 4K relative to its Transformer (TPU v3, batch "
             f"32): {published}.", "", "## All rows", "",
@@ -231,6 +211,25 @@ def write_outputs(rows: list[dict[str, Any]], info: dict[str, Any], output: path
   if plots and len(lengths) > 1:
     _plot(rows, output)
   print(f"wrote {output}.csv / .md")
+
+
+def _length_table(rows: list[dict[str, Any]], lengths: list[int], title: str, field: str,
+                  ratio: str, spec: str) -> list[str]:
+  """Markdown lines: a variant x length table of ``field`` with its ``<ratio>_vs_best_dense`` and
+  ``<ratio>_vs_xla`` ratios in brackets ('-' where not run)."""
+  fmt = lambda v: "-" if not math.isfinite(v) else f"{v:g}x"  # noqa: E731
+  lines = [f"## {title} (x best dense; x XLA path)", "",
+           "| variant | " + " | ".join(f"{n}" for n in lengths) + " |",
+           "|---|" + "---|" * len(lengths)]
+  for variant in dict.fromkeys(r["variant"] for r in rows):
+    cells = []
+    for n in lengths:
+      r = next((r for r in rows if (r["variant"], r["length"]) == (variant, n)), None)
+      cells.append("-" if r is None or not math.isfinite(r[field]) else
+                   f"{r[field]:{spec}} ({fmt(r[f'{ratio}_vs_best_dense'])}; "
+                   f"{fmt(r[f'{ratio}_vs_xla'])})")
+    lines.append(f"| {variant} | " + " | ".join(cells) + " |")
+  return lines
 
 
 def _plot(rows: list[dict[str, Any]], output: pathlib.Path) -> None:
