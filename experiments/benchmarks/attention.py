@@ -469,14 +469,21 @@ def _block_target_lines(rows, ratio, status) -> list[str]:
   return lines
 
 
-def write_outputs(rows: list[dict[str, Any]], info: dict[str, Any], output: pathlib.Path,
-                  plots: bool) -> None:
-  """Writes <output>.csv, <output>.md and (if ``plots``) the two log-log plots."""
-  output.parent.mkdir(parents=True, exist_ok=True)
-  with open(f"{output}.csv", "w", newline="") as f:
+def write_csv(rows: list[dict[str, Any]], path: str | pathlib.Path) -> None:
+  """Writes ``rows`` (dicts with the same keys, in order) to the CSV file ``path``, creating its
+  folder; the first row's keys are the header. Shared by the benchmark scripts."""
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  with open(path, "w", newline="") as f:
     writer = csv.DictWriter(f, fieldnames=list(rows[0]))
     writer.writeheader()
     writer.writerows(rows)
+
+
+def write_outputs(rows: list[dict[str, Any]], info: dict[str, Any], output: pathlib.Path,
+                  plots: bool) -> None:
+  """Writes <output>.csv, <output>.md and (if ``plots``) the two log-log plots."""
+  write_csv(rows, f"{output}.csv")
   columns = ["mechanism", "passes", "dtype", "batch", "length", "median_ms", "reps", "compile_s",
              "gflops", "gflop_per_s", "memory_mib", "temp_mib", "note"]
   lines = [f"# Attention benchmark: `{output.name}`", "",

@@ -27,7 +27,6 @@ Outputs: <output>.md and <output>.csv (default ``experiments/results/cast_profil
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import pathlib
 import sys
@@ -127,11 +126,7 @@ def main(argv: list[str] | None = None) -> None:
                  "gflop_per_s": round(rate, 1) if case.flops == case.flops else "-",
                  "of_matmul_rate": round(rate / matmul, 3) if case.flops == case.flops else "-"})
   output = pathlib.Path(args.output)
-  output.parent.mkdir(parents=True, exist_ok=True)
-  with open(output.with_suffix(".csv"), "w", newline="") as f:
-    writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
+  bench.write_csv(rows, output.with_suffix(".csv"))
   load = lambda t: ", ".join(f"{x:.2f}" for x in t)  # noqa: E731
   lines = [f"# CAST profile at N = {args.length}", "",
            "Command: `" + " ".join(["python experiments/benchmarks/cast_profile.py",

@@ -30,7 +30,6 @@ Outputs: <output>.csv and <output>.md (default ``experiments/results/model_throu
 from __future__ import annotations
 
 import argparse
-import csv
 import importlib.util
 import math
 import os
@@ -152,11 +151,7 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]
 def write_outputs(rows: list[dict[str, Any]], info: dict[str, Any], output: pathlib.Path,
                   command: str) -> None:
   """Writes ``<output>.csv`` and ``<output>.md``."""
-  output.parent.mkdir(parents=True, exist_ok=True)
-  with open(output.with_suffix(".csv"), "w", newline="") as f:
-    writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
+  bench.write_csv(rows, output.with_suffix(".csv"))
   load = lambda t: ", ".join(f"{x:.2f}" for x in t)  # noqa: E731
   lines = [f"# Model throughput: `{output.name}`", "", f"Command: `{command}`", "",
            f"Backend {info['backend']} ({info['device']}, {info['machine']}, {info['cpus']} CPUs), "

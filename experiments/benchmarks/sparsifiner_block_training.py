@@ -24,13 +24,13 @@ are the layer benchmark's (``attention.py --preset=targets_block``), at the leng
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
 import os
 import pathlib
 import platform
 
+import attention as bench
 import jax
 
 from clustr_jax import train
@@ -94,11 +94,7 @@ def main() -> None:
                  "train_steps_per_s": round(result["train_steps_per_s"], 2),
                  "attention_kwargs": dict(config.model.attention_kwargs)})
   output = pathlib.Path(args.output)
-  output.parent.mkdir(parents=True, exist_ok=True)
-  with open(output.with_suffix(".csv"), "w", newline="") as f:
-    writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
+  bench.write_csv(rows, output.with_suffix(".csv"))
   load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
   lines = [
       "# Sparsifiner: block path against token-level top-k in training", "",

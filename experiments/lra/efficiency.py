@@ -38,7 +38,6 @@ matplotlib, ``pip install -e '.[bench]'``); default ``experiments/lra/results/ef
 from __future__ import annotations
 
 import argparse
-import csv
 import functools
 import importlib.util
 import math
@@ -178,11 +177,7 @@ def add_ratios(rows: list[dict[str, Any]]) -> None:
 def write_outputs(rows: list[dict[str, Any]], info: dict[str, Any], output: pathlib.Path,
                   args: argparse.Namespace, plots: bool) -> None:
   """Writes <output>.csv, <output>.md and (``plots``) <output>.png."""
-  output.parent.mkdir(parents=True, exist_ok=True)
-  with open(f"{output}.csv", "w", newline="") as f:
-    writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
+  bench.write_csv(rows, f"{output}.csv")
   load = lambda t: ", ".join(f"{x:.2f}" for x in t)  # noqa: E731
   lengths = sorted({r["length"] for r in rows})
   lines = [
