@@ -501,6 +501,8 @@ def test_chunked_intra_attention_equals_batched_product(dtype, tol):
   q, k, v, cotangent = (jax.random.normal(key, shape, dtype) for key in keys[:4])
   valid = jax.random.bernoulli(keys[4], 0.7, shape[:-1]).at[..., 0].set(True)
   valid = valid.at[0, 0, 0].set(False)  # a cluster without valid members
+  # Its rows differ between kernels (0 here) and CAST discards them: no cotangent reaches them.
+  cotangent = cotangent.at[0, 0, 0].set(0)
   scale = shape[-1] ** -0.5
   chunked = lambda *a: cast.intra_cluster_attention(*a, valid, scale)  # noqa: E731
   batched = lambda *a: cast._intra_attention(*a, valid, scale)  # noqa: E731
@@ -508,8 +510,11 @@ def test_chunked_intra_attention_equals_batched_product(dtype, tol):
   assert "custom_vjp_call" in jaxpr and "scan" in jaxpr  # the CPU branch is the chunked one
   out_a, vjp_a = jax.vjp(chunked, q, k, v)
   out_b, vjp_b = jax.vjp(batched, q, k, v)
-  np.testing.assert_allclose(np.asarray(out_a, np.float32), np.asarray(out_b, np.float32),
+  assert not np.any(np.asarray(out_a[0, 0, 0], np.float32))
+  np.testing.assert_allclose(np.asarray(out_a, np.float32)[1:], np.asarray(out_b, np.float32)[1:],
                              atol=tol, rtol=tol)
+  np.testing.assert_allclose(np.asarray(out_a, np.float32)[0, 0, 1:],
+                             np.asarray(out_b, np.float32)[0, 0, 1:], atol=tol, rtol=tol)
   for got, want in zip(vjp_a(cotangent), vjp_b(cotangent)):
     np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
                                atol=tol * 4, rtol=tol * 4)

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from clustr_jax import attention
-from clustr_jax.attention import sparsifiner
+from clustr_jax.attention import base, sparsifiner
 from clustr_jax.attention.sparsifiner import SparsifinerAttention
 
 B, N, F, H, D = 2, 24, 32, 4, 8       # c = 4; reduce_n_factor 4 -> n_down 6
@@ -468,3 +468,25 @@ def test_length_and_mask_errors():
 
 def test_registry_name():
   assert attention.get("sparsifiner") is SparsifinerAttention
+
+
+@pytest.mark.parametrize("n,k", [(1, 1), (7, 1), (37, 8), (170, 8), (256, 16), (64, 40)])
+def test_base_top_k_equals_xla_top_k_ties_included(n, k):
+  """``base.top_k`` (on the CPU a tournament over groups where k <= n / 4, as for Sparsifiner's
+  keys and predictor coefficients and CAST's members) against ``jax.lax.top_k``: equal values
+  and indices (ties go to the lower index, -0.0 ranks below 0.0) and the same gradient, with
+  repeated values and -inf entries."""
+  x = jnp.asarray(np.round(np.random.default_rng(n).standard_normal((2, 3, 5, n)) * 4) / 4,
+                  jnp.float32)
+  x = x.at[0, 0, 0, : n // 2].set(-jnp.inf).at[1, 2, 4].set(0.5)   # -inf entries; a tied row
+  if k <= n // 4:   # the CPU runs the tournament, not XLA's TopK
+    assert "TopK" not in jax.jit(lambda x: base.top_k(x, k)).lower(x).compile().as_text()
+  values, index = jax.jit(lambda x: base.top_k(x, k))(x)
+  want_values, want_index = jax.lax.top_k(x, k)
+  np.testing.assert_array_equal(values, want_values)
+  np.testing.assert_array_equal(index, want_index)
+  assert index.dtype == jnp.int32
+  weights = jnp.arange(1.0, k + 1.0)
+  finite = lambda f: lambda x: jnp.sum(jnp.where(jnp.isfinite(f(x)[0]), f(x)[0], 0) * weights)  # noqa: E731
+  np.testing.assert_array_equal(jax.grad(finite(lambda x: base.top_k(x, k)))(x),
+                                jax.grad(finite(lambda x: jax.lax.top_k(x, k)))(x))

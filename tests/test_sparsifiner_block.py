@@ -161,3 +161,30 @@ def test_block_scores_function_masks_padding():
   scores = sparsifiner.block_scores(coef, basis, valid, 2, 4, True)
   assert scores.shape == (1, 1, 2, 2)
   assert float(scores[0, 0, 1, 1]) == 0.0         # block 1 has no real query and no real key
+
+
+@pytest.mark.parametrize("keep_rate", [0.2, 0.6])
+def test_cpu_chunked_block_attention_equals_the_batched_product(keep_rate):
+  """On the CPU without dropout the query blocks run in steps (``base.chunked_attention``,
+  recomputing backward pass); the batched product with autodiff, which the other platforms and
+  dropout use, gives the same values and gradients. With one block kept (keep rate 0.2), a query
+  block of padding only has no real key and gets rows of 0 from both."""
+  keys = jax.random.split(jax.random.key(5), 5)
+  q, k, v, cotangent = (jax.random.normal(key, (2, 20, 3, 8)) for key in keys[:4])
+  valid = jnp.ones((2, 20), bool).at[1, 12:].set(False)      # sample 1: blocks 3 and 4 padding
+  scores = jax.random.normal(keys[4], (2, 3, 5, 5))
+  kwargs = dict(keep_rate=keep_rate, block_size=4, has_cls_token=True, scale=8 ** -0.5)
+  chunked = lambda q, k, v: sparsifiner.block_attention(  # noqa: E731
+      q, k, v, valid, scores, **kwargs)[0]
+  batched = lambda q, k, v: sparsifiner.block_attention(  # noqa: E731
+      q, k, v, valid, scores, dropout=lambda w: w, **kwargs)[0]
+  jaxpr = str(jax.make_jaxpr(chunked)(q, k, v))
+  assert "custom_vjp_call" in jaxpr and "scan" in jaxpr       # the CPU branch is the chunked one
+  assert "scan" not in str(jax.make_jaxpr(batched)(q, k, v))
+  out_a, vjp_a = jax.vjp(chunked, q, k, v)
+  out_b, vjp_b = jax.vjp(batched, q, k, v)
+  np.testing.assert_allclose(out_a, out_b, atol=1e-5, rtol=1e-5)
+  if keep_rate == 0.2:
+    assert not np.any(np.asarray(out_a[1, 16:]))              # the key-less block's rows
+  for got, want in zip(vjp_a(cotangent), vjp_b(cotangent)):
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)

@@ -129,8 +129,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
 def _masked_top_k(score: jax.Array, allowed: jax.Array, kappa: int) -> tuple[jax.Array, jax.Array]:
   """Top-kappa along the last axis among ``allowed`` entries; slots beyond them are invalid."""
   allowed = jnp.broadcast_to(allowed, score.shape)
-  _, idx = lax.top_k(jnp.where(allowed, score, -jnp.inf), kappa)
-  return idx.astype(jnp.int32), jnp.take_along_axis(allowed, idx, axis=-1)
+  _, idx = base.top_k(jnp.where(allowed, score, -jnp.inf), kappa)
+  return idx, jnp.take_along_axis(allowed, idx, axis=-1)
 
 
 @functools.partial(jax.jit, static_argnames="kappa")
@@ -190,7 +190,7 @@ def select_sa_greedy(ag: jax.Array, eligible: jax.Array, kappa: int) -> tuple[ja
     score = jnp.where(free[..., None, :] & open_[..., :, None], ag, -jnp.inf)
     best = jnp.argmax(score, axis=-2).astype(jnp.int32)                     # [B, H, N]
     has = jnp.max(score, axis=-2) > -jnp.inf
-    top_val, top_idx = lax.top_k(score, kappa)                              # [B, H, C, kappa]
+    top_val, top_idx = base.top_k(score, kappa)                             # [B, H, C, kappa]
     in_room = (slot_rank < (kappa - counts)[..., None]) & (top_val > -jnp.inf)
     chosen = jnp.put_along_axis(jnp.zeros(score.shape, bool), top_idx, in_room, axis=-1,
                                 inplace=False)
@@ -228,15 +228,15 @@ def _scatter_add(values: jax.Array, idx: jax.Array, length: int) -> jax.Array:
 
 # --------------------------------------------------------------------------------------------
 # Intra-cluster attention. On the CPU it runs over the B H N_c clusters in steps of
-# INTRA_CHUNK_CLUSTERS, so that each step's [chunk, kappa, kappa] weights stay in cache, with a
-# custom backward pass that recomputes them step by step from the saved row maxima and sums (as
-# flash attention does). XLA:CPU runs one batched [512 x 128 x 64] x [64 x 128] product far
-# below its matmul rate, and the plain backward pass through it far slower still; the layer-level
-# gain is in experiments/results/cast_ab.md (experiments/benchmarks/cast_ab.py). On CUDA and TPU
-# the clusters go, as a batch of one-head sequences of kappa tokens, through dense attention's
-# fused kernel (cuDNN; splash attention with kappa padded to 128) where ``dense.
-# choose_implementation`` picks one, else through the batched product with autodiff, as do other
-# backends and attention dropout (docs/gpu_tpu.md).
+# INTRA_CHUNK_CLUSTERS (``base.chunked_attention``: each step's [chunk, kappa, kappa] weights stay
+# in cache, and a custom backward pass recomputes them step by step from the saved row maxima and
+# sums, as flash attention does). XLA:CPU runs one batched [512 x 128 x 64] x [64 x 128] product
+# far below its matmul rate, and the plain backward pass through it far slower still; the
+# layer-level gain is in experiments/results/cast_ab.md (experiments/benchmarks/cast_ab.py). On
+# CUDA and TPU the clusters go, as a batch of one-head sequences of kappa tokens, through dense
+# attention's fused kernel (cuDNN; splash attention with kappa padded to 128) where
+# ``dense.choose_implementation`` picks one, else through the batched product with autodiff, as
+# do other backends and attention dropout (docs/gpu_tpu.md).
 # --------------------------------------------------------------------------------------------
 
 #: Clusters per step of the CPU intra-cluster attention (a divisor of B H N_c is used).
@@ -252,71 +252,19 @@ INTRA_IMPLEMENTATIONS = ("auto", "chunked", "batched", "cudnn", "splash")
 INTRA_IMPLEMENTATION = "auto"
 
 
-def _intra_logits(q_c, k_c, valid, scale):
-  """[..., kappa, d] x [..., kappa, d] -> float32 logits [..., kappa, kappa], masked keys."""
-  logits = jnp.einsum("...id,...jd->...ij", q_c, k_c, preferred_element_type=jnp.float32)
-  return jnp.where(valid[..., None, :], logits * scale, base.MASK_VALUE)
-
-
 def _intra_attention(q_c, k_c, v_c, valid, scale, dropout=None):
   """softmax(Q_c K_c^T scale, invalid keys masked) V_c: [..., kappa, d] -> [..., kappa, d]."""
-  weights = base.softmax(_intra_logits(q_c, k_c, valid, scale))
+  weights = base.softmax(base.key_masked_logits(q_c, k_c, valid, scale))
   if dropout is not None:
     weights = dropout(weights)
   return jnp.einsum("...ij,...jd->...id", weights.astype(v_c.dtype), v_c)
 
 
-def _by_chunk(x: jax.Array, rows: int) -> jax.Array:
-  """[B, H, C, ...] -> [B H C / rows, rows, ...]."""
-  return x.reshape((-1, rows) + x.shape[3:])
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
 def _chunked_intra_attention(q_c, k_c, v_c, valid, scale, rows):
-  """``_intra_attention`` in steps of ``rows`` clusters, recomputing the weights backward."""
-  return _chunked_intra_fwd(q_c, k_c, v_c, valid, scale, rows)[0]
-
-
-def _chunked_intra_fwd(q_c, k_c, v_c, valid, scale, rows):
-  def step(_, xs):
-    q, k, v, ok = xs
-    logits = _intra_logits(q, k, ok, scale)
-    row_max = jnp.max(logits, axis=-1, keepdims=True)
-    e = jnp.exp(logits - row_max)
-    total = jnp.sum(e, axis=-1, keepdims=True)
-    out = jnp.einsum("nij,njd->nid", (e / total).astype(v.dtype), v)
-    return None, (out, row_max[..., 0], total[..., 0])
-
-  _, (out, row_max, total) = lax.scan(
-      step, None, tuple(_by_chunk(t, rows) for t in (q_c, k_c, v_c, valid)))
-  out, row_max, total = out.reshape(v_c.shape), *(t.reshape(valid.shape) for t in (row_max, total))
-  return out, (q_c, k_c, v_c, valid, out, row_max, total)
-
-
-def _chunked_intra_bwd(scale, rows, residuals, d_out):
-  q_c, k_c, v_c, valid, out, row_max, total = residuals
-  f32 = jnp.float32
-  row_delta = base.row_dot(d_out.astype(f32), out.astype(f32))              # [B, H, C, kappa]
-
-  def step(_, xs):
-    q, k, v, ok, g, m, z, delta = xs
-    # exp(logits - max) / sum, not exp(logits - log-sum-exp): a cluster without valid members
-    # has logits MASK_VALUE, where adding log(sum) is lost to float32 rounding.
-    weights = jnp.exp(_intra_logits(q, k, ok, scale) - m[..., None]) / z[..., None]
-    d_v = jnp.einsum("nij,nid->njd", weights.astype(g.dtype), g, preferred_element_type=f32)
-    d_weights = jnp.einsum("nid,njd->nij", g, v, preferred_element_type=f32)
-    # Masked keys' logits are constants: no gradient (it matters for clusters without members).
-    d_logits = jnp.where(ok[:, None, :], weights * (d_weights - delta[..., None]) * scale, 0.0)
-    d_q = jnp.einsum("nij,njd->nid", d_logits.astype(k.dtype), k, preferred_element_type=f32)
-    d_k = jnp.einsum("nij,nid->njd", d_logits.astype(q.dtype), q, preferred_element_type=f32)
-    return None, (d_q.astype(q.dtype), d_k.astype(k.dtype), d_v.astype(v.dtype))
-
-  xs = tuple(_by_chunk(t, rows) for t in (q_c, k_c, v_c, valid, d_out, row_max, total, row_delta))
-  _, (d_q, d_k, d_v) = lax.scan(step, None, xs)
-  return d_q.reshape(q_c.shape), d_k.reshape(k_c.shape), d_v.reshape(v_c.shape), None
-
-
-_chunked_intra_attention.defvjp(_chunked_intra_fwd, _chunked_intra_bwd)
+  """``base.chunked_attention`` over the B H N_c clusters, ``rows`` clusters per step."""
+  flat = lambda t: t.reshape((-1,) + t.shape[3:])  # noqa: E731  [B H C, ...]
+  out = base.chunked_attention(flat(q_c), flat(k_c), flat(v_c), flat(valid), scale, rows)
+  return out.reshape(v_c.shape)
 
 
 def _fused_intra_attention(q_c, k_c, v_c, valid, scale, implementation):

@@ -173,8 +173,8 @@ def _density_rows(d, row_mask, col_mask, k, t):
   t >= k nearest real tokens of each row (distances [B, q, t], inf past the real tokens, and
   indices [B, q, t]), nearest first, for ``_nearest_denser``."""
   d_real = jnp.where(col_mask[:, None, :], d, jnp.inf)
-  # The barrier keeps XLA (CPU) from rewriting top_k and the slice below into a full sort.
-  neg_near, near_idx = lax.optimization_barrier(lax.top_k(-d_real, t))     # [B, q, t]
+  # The barrier keeps XLA from rewriting TopK and the slice below into a full sort.
+  neg_near, near_idx = lax.optimization_barrier(base.top_k(-d_real, t))    # [B, q, t]
   nearest = -neg_near[..., :k]              # top_k is sorted: the k nearest are the prefix
   found = jnp.isfinite(nearest)
   sumsq = jnp.sum(jnp.where(found, nearest * nearest, 0.0), axis=-1)
@@ -327,7 +327,7 @@ def _dpc_knn_cluster(x, mask, noise_rng, *, num_clusters, knn_k, chunk) -> Clust
   # prefix of the largest scale's, and one pass of centre distances serves all scales.
   max_m = max(num_clusters)
   gamma = jnp.where(mask, rho * delta, -jnp.inf)
-  top = lax.top_k(gamma, max_m)[1].astype(jnp.int32)                      # [B, M_max]
+  top = base.top_k(gamma, max_m)[1]                                       # [B, M_max]
   # Gathers and, below, a scatter over the M_max centre indices (exact; O(B M_max C) memory).
   take = jax.vmap(lambda a, i: a[i])                                        # per sample
   valid = take(mask, top)                                                   # [B, M_max]

@@ -142,6 +142,10 @@ def _safe_softmax(logits: jax.Array, allowed: jax.Array) -> jax.Array:
 #: Rows per step of the CPU gather path (their gathered keys and values stay in cache).
 GATHER_CHUNK_ROWS = 32
 
+#: Query blocks per step of the CPU block path (``base.chunked_attention``: each step's
+#: [rows, block_size, kept block_size] weights stay in cache; a divisor of B H NB is used).
+BLOCK_CHUNK_ROWS = 16
+
 
 def _rows_attention(q: jax.Array, k: jax.Array, v: jax.Array, index: jax.Array,
                     slot_valid: jax.Array, scale: float, drop=None) -> jax.Array:
@@ -300,7 +304,7 @@ def block_scores(coef: jax.Array, basis: jax.Array, valid: jax.Array, basis_topk
   k_mean = k_mean / jnp.maximum(k_weight.sum(-1), 1.0)[:, None, :]         # [B, n_down, NB]
   # Each row's score of each key block: its top coefficients times the gathered rows of k_mean
   # ([B, H, Nq, topk, NB], not the [Nq, n_down] dense coefficients).
-  top_coef, top_index = jax.lax.top_k(coef, basis_topk)                     # [B, H, Nq, topk]
+  top_coef, top_index = base.top_k(coef, basis_topk)                        # [B, H, Nq, topk]
   gathered = jax.vmap(lambda table, index: table[index])(k_mean, top_index)
   row_scores = jnp.einsum("bhqt,bhqtk->bhqk", top_coef, gathered)          # [B, H, Nq, NB]
   if has_cls_token:
@@ -309,6 +313,86 @@ def block_scores(coef: jax.Array, basis: jax.Array, valid: jax.Array, basis_topk
   row_scores = row_scores.reshape(batch, heads, num_blocks, block_size, num_blocks)
   total = jnp.einsum("bhnsk,bns->bhnk", row_scores, q_weight)
   return total / jnp.maximum(q_weight.sum(-1), 1.0)[:, None, :, None]
+
+
+def block_attention(q: jax.Array, k: jax.Array, v: jax.Array, valid: jax.Array,
+                    scores: jax.Array, *, keep_rate: float, block_size: int, has_cls_token: bool,
+                    scale: float, dropout=None) -> tuple[jax.Array, jax.Array | None, jax.Array]:
+  """The block path's attention (ours, ``docs/sparsifiner.md``, "The block path").
+
+  The N tokens are tiled into NB = ceil(N / block_size) blocks (token 0 in block 0). Each query
+  block keeps its own key block and the best others by ``scores``, ceil(keep_rate * NB) blocks
+  in all (at least 1, at most NB), and attends to every real key of the kept blocks; blocks
+  without a real token are never chosen over blocks with one, and a chosen one is masked. With
+  ``has_cls_token``, token 0's query row is dense (all real keys).
+
+  Args:
+    q, k, v: [B, N, H, d], one floating dtype.
+    valid: bool [B, N], True = real token.
+    scores: float32 [B, H, NB, NB], the score of each (query block, key block), e.g.
+      ``block_scores`` (no gradient flows through the choice).
+    keep_rate: the attention keep rate rho in (0, 1].
+    block_size: tokens per block (>= 1).
+    has_cls_token: token 0 is a CLS token with a dense query row.
+    scale: the logit scale (d^-1/2).
+    dropout: optional function applied to the attention weights (training). Without it, the
+      CPU runs the query blocks in steps of BLOCK_CHUNK_ROWS (``base.chunked_attention``, a
+      recomputing backward pass); other platforms, and any with dropout, one batched product.
+
+  Returns:
+    (out [B, N, H, d] in v's dtype; the CLS row's weights float32 [B, H, N], or None without a
+    CLS token; the chosen key blocks int32 [B, H, NB, kept], -1 where a chosen block has no real
+    token).
+  """
+  drop = dropout if dropout is not None else (lambda w: w)
+  batch, length, heads, head_dim = q.shape
+  size = block_size
+  num_blocks = scores.shape[-1]
+  pad = num_blocks * size - length
+  kept = min(num_blocks, max(1, math.ceil(keep_rate * num_blocks)))
+  token_valid = jnp.pad(valid, ((0, 0), (0, pad))).reshape(batch, num_blocks, size)
+  block_valid = token_valid.any(-1)                                        # [B, NB]
+  score = jnp.where(block_valid[:, None, None, :], scores, -jnp.inf)
+  score = jnp.where(jnp.eye(num_blocks, dtype=bool), jnp.inf, score)      # own block always
+  _, chosen = jax.lax.top_k(jax.lax.stop_gradient(score), kept)          # [B, H, NB, kept]
+  chosen_valid = jax.vmap(lambda m, i: m[i])(block_valid, chosen)        # [B, H, NB, kept]
+
+  def blocks(t):                                                 # [B, N, H, d] -> blocks
+    t = jnp.pad(t.transpose(0, 2, 1, 3), ((0, 0), (0, 0), (0, pad), (0, 0)))
+    return t.reshape(batch, heads, num_blocks, size, head_dim)   # [B, H, NB, bs, d]
+
+  gather = jax.vmap(jax.vmap(lambda t, i: t[i]))                 # per batch and head
+  qb, kb, vb = blocks(q), blocks(k), blocks(v)
+  kg = gather(kb, chosen).reshape(batch, heads, num_blocks, kept * size, head_dim)
+  vg = gather(vb, chosen).reshape(batch, heads, num_blocks, kept * size, head_dim)
+  key_ok = jax.vmap(lambda m, i: m[i])(token_valid, chosen)      # [B, H, NB, kept, bs]
+  key_ok = (key_ok & chosen_valid[..., None]).reshape(batch, heads, num_blocks, kept * size)
+
+  def batched(qb, kg, vg, key_ok):
+    logits = jnp.einsum("bhnsd,bhntd->bhnst", qb, kg).astype(jnp.float32) * scale
+    weights = _safe_softmax(logits, key_ok[..., None, :])        # [B, H, NB, bs, kept bs]
+    return jnp.einsum("bhnst,bhntd->bhnsd", drop(weights).astype(v.dtype), vg)
+
+  def chunked(qb, kg, vg, key_ok):                               # the CPU, without dropout
+    flat = lambda t: t.reshape((-1,) + t.shape[3:])  # noqa: E731  [B H NB, ...]
+    rows = math.gcd(batch * heads * num_blocks, BLOCK_CHUNK_ROWS)
+    return base.chunked_attention(flat(qb), flat(kg), flat(vg), flat(key_ok), scale,
+                                  rows).reshape(qb.shape)
+
+  if dropout is None:
+    out = jax.lax.platform_dependent(qb, kg, vg, key_ok, cpu=chunked, default=batched)
+  else:
+    out = batched(qb, kg, vg, key_ok)
+  out = out.reshape(batch, heads, num_blocks * size, head_dim)[:, :, :length]
+  cls_weights = None
+  if has_cls_token:                                         # the dense CLS row
+    qh, kh, vh = (t.transpose(0, 2, 1, 3) for t in (q, k, v))
+    cls_logits = jnp.einsum("bhd,bhnd->bhn", qh[:, :, 0], kh).astype(jnp.float32) * scale
+    cls_weights = _safe_softmax(cls_logits, valid[:, None, :])   # [B, H, N]
+    cls_out = jnp.einsum("bhn,bhnd->bhd", drop(cls_weights).astype(v.dtype), vh)
+    out = out.at[:, :, 0].set(cls_out)
+  return (out.transpose(0, 2, 1, 3), cls_weights,
+          jnp.where(chosen_valid, chosen, -1).astype(jnp.int32))
 
 
 class MaskPredictor(nn.Module):
@@ -393,10 +477,8 @@ class MaskPredictor(nn.Module):
       return block_scores(coef, basis, valid, self.basis_topk, self.block_size,
                           self.has_cls_token)
     # A^[., n, j] = sum_t top_coef[., n, t] basis[j, top_index[., n, t]]: basis_topk gathered
-    # rows of basis^T instead of a product with the (mostly zero) dense coefficients. The
-    # barrier keeps XLA (CPU) from rewriting top_k + per-column slices into a full sort.
-    top_coef, top_index = jax.lax.optimization_barrier(
-        jax.lax.top_k(coef, self.basis_topk))                                 # [B, H, Nq, topk]
+    # rows of basis^T instead of a product with the (mostly zero) dense coefficients.
+    top_coef, top_index = base.top_k(coef, self.basis_topk)                  # [B, H, Nq, topk]
     basis_t = _materialised_transpose(basis)                                 # [n_down, N]
     approx = top_coef[..., 0, None] * basis_t[top_index[..., 0]]
     for t in range(1, self.basis_topk):
@@ -675,12 +757,16 @@ class SparsifinerAttention(nn.Module):
       out = jnp.einsum("bhqk,bkhd->bqhd", drop(weights).astype(v.dtype), v)
       cls_weights = None
     elif self.path == "block":
-      out, cls_weights = self._block(q, k, v, valid, approx, scale, drop)
+      out, cls_weights, chosen = block_attention(
+          q, k, v, valid, approx, keep_rate=self.keep_rate, block_size=self.block_size,
+          has_cls_token=self.has_cls_token, scale=scale,
+          dropout=drop if not deterministic and self.dropout_rate > 0.0 else None)
+      self.sow("intermediates", "attn_blocks", chosen)
     else:
       # Mode B: each predicted row keeps its top-k columns of A^; padded keys are never chosen,
       # and surplus slots (fewer real keys than k) are masked.
       score = jnp.where((valid & prior)[:, None, None, :], approx, -jnp.inf)
-      _, selected = jax.lax.top_k(jax.lax.stop_gradient(score), k_att)   # [B, H, Nq, k]
+      _, selected = base.top_k(jax.lax.stop_gradient(score), k_att)      # [B, H, Nq, k]
       selected_valid = jax.vmap(lambda m, i: m[i])(valid, selected)      # [B, H, Nq, k]
       if self.path == "masked":
         out, cls_weights = self._masked(q, k, v, valid, selected, selected_valid, scale, drop)
@@ -720,46 +806,6 @@ class SparsifinerAttention(nn.Module):
     weights = _safe_softmax(logits, allowed)
     out = jnp.einsum("bhqk,bkhd->bqhd", drop(weights).astype(v.dtype), v)
     return out, weights[:, :, 0] if self.has_cls_token else None
-
-  def _block(self, q, k, v, valid, scores, scale, drop):
-    """Block path: per query block, its own key block and the best others by ``scores``
-    [B, H, NB, NB]. Returns (out [B, N, H, d], CLS-row weights or None)."""
-    batch, length, heads, head_dim = q.shape
-    size = self.block_size
-    num_blocks = scores.shape[-1]
-    pad = num_blocks * size - length
-    kept = min(num_blocks, max(1, math.ceil(self.keep_rate * num_blocks)))
-    token_valid = jnp.pad(valid, ((0, 0), (0, pad))).reshape(batch, num_blocks, size)
-    block_valid = token_valid.any(-1)                                        # [B, NB]
-    score = jnp.where(block_valid[:, None, None, :], scores, -jnp.inf)
-    score = jnp.where(jnp.eye(num_blocks, dtype=bool), jnp.inf, score)      # own block always
-    _, chosen = jax.lax.top_k(jax.lax.stop_gradient(score), kept)          # [B, H, NB, kept]
-    chosen_valid = jax.vmap(lambda m, i: m[i])(block_valid, chosen)        # [B, H, NB, kept]
-    self.sow("intermediates", "attn_blocks",
-             jnp.where(chosen_valid, chosen, -1).astype(jnp.int32))
-
-    def blocks(t):                                                 # [B, N, H, d] -> blocks
-      t = jnp.pad(t.transpose(0, 2, 1, 3), ((0, 0), (0, 0), (0, pad), (0, 0)))
-      return t.reshape(batch, heads, num_blocks, size, head_dim)   # [B, H, NB, bs, d]
-
-    gather = jax.vmap(jax.vmap(lambda t, i: t[i]))                 # per batch and head
-    qb, kb, vb = blocks(q), blocks(k), blocks(v)
-    kg = gather(kb, chosen).reshape(batch, heads, num_blocks, kept * size, head_dim)
-    vg = gather(vb, chosen).reshape(batch, heads, num_blocks, kept * size, head_dim)
-    key_ok = jax.vmap(lambda m, i: m[i])(token_valid, chosen)      # [B, H, NB, kept, bs]
-    key_ok = (key_ok & chosen_valid[..., None]).reshape(batch, heads, num_blocks, 1, kept * size)
-    logits = jnp.einsum("bhnsd,bhntd->bhnst", qb, kg).astype(jnp.float32) * scale
-    weights = _safe_softmax(logits, key_ok)                        # [B, H, NB, bs, kept bs]
-    out = jnp.einsum("bhnst,bhntd->bhnsd", drop(weights).astype(v.dtype), vg)
-    out = out.reshape(batch, heads, num_blocks * size, head_dim)[:, :, :length]
-    cls_weights = None
-    if self.has_cls_token:                                         # the dense CLS row
-      qh, kh, vh = (t.transpose(0, 2, 1, 3) for t in (q, k, v))
-      cls_logits = jnp.einsum("bhd,bhnd->bhn", qh[:, :, 0], kh).astype(jnp.float32) * scale
-      cls_weights = _safe_softmax(cls_logits, valid[:, None, :])   # [B, H, N]
-      cls_out = jnp.einsum("bhn,bhnd->bhd", drop(cls_weights).astype(v.dtype), vh)
-      out = out.at[:, :, 0].set(cls_out)
-    return out.transpose(0, 2, 1, 3), cls_weights
 
   def _gather(self, q, k, v, valid, selected, selected_valid, scale, drop, dropout_active):
     """Only the k selected keys per predicted row; the CLS row dense. Same result as _masked.
