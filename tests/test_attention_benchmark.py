@@ -8,6 +8,7 @@ import math
 import pathlib
 import sys
 
+import jax
 import numpy as np
 import pytest
 
@@ -86,6 +87,29 @@ def test_block_target_lines_read_the_best_dense_layer():
   assert "(target >= 8x): **missed**" in text
   assert ("temporaries at N=4096: 300.0 MiB (with arguments and outputs 600.0 MiB) against one "
           "[H, N, N] float32 buffer (512 MiB): **met**") in text
+
+
+def test_block_target_lines_read_the_attention_proper_too():
+  rows = [row("dense.proper", "fwd", 1024, 30.0), row("dense_tokamax.proper", "fwd", 1024, 24.0),
+          row("sparsifiner_block.proper", "fwd", 1024, 6.0),
+          row("sparsifiner_block.layer", "fwd", 1024, 20.0),
+          row("dense_tokamax.layer", "fwd", 1024, 40.0)]
+  text = "\n".join(bench.target_lines(rows, {"matmul_gflop_per_s": 100.0}))
+  assert ("block path (proper; keep rate of the run, predictor included) fwd at N=1024: 4.00x the "
+          "best dense attention proper (dense_tokamax.proper, 24.0 ms); 5.00x the XLA path "
+          "(dense.proper) (target >= 3x): **met**") in text
+  assert ("block path (layer; keep rate of the run, predictor included) fwd at N=1024: 2.00x the "
+          "best dense layer (dense_tokamax.layer, 40.0 ms) (target >= 3x): **missed**") in text
+
+
+def test_block_proper_case_at_keep_rate_one_is_dense_attention():
+  """Every key block kept: the block path's proper case computes dense attention."""
+  block = bench.build_cases("sparsifiner_block.proper", 1, 256, 2, 16, "float32", 1.0)
+  dense = bench.build_cases("dense.proper", 1, 256, 2, 16, "float32", 1.0)
+  np.testing.assert_allclose(block[0].fn(*block[0].args), dense[0].fn(*dense[0].args),
+                             atol=2e-5)
+  grads = block[1].fn(*block[1].args)
+  assert all(np.isfinite(g).all() for g in jax.tree.leaves(grads))
 
 
 def test_dense_tokamax_cases_equal_the_xla_path():
