@@ -490,3 +490,13 @@ def test_base_top_k_equals_xla_top_k_ties_included(n, k):
   finite = lambda f: lambda x: jnp.sum(jnp.where(jnp.isfinite(f(x)[0]), f(x)[0], 0) * weights)  # noqa: E731
   np.testing.assert_array_equal(jax.grad(finite(lambda x: base.top_k(x, k)))(x),
                                 jax.grad(finite(lambda x: jax.lax.top_k(x, k)))(x))
+
+
+def test_base_top_k_and_chunked_attention_errors_name_the_problem():
+  with pytest.raises(ValueError, match=r"k=0 must be in \[1, 5\]"):
+    base.top_k(jnp.zeros((3, 5)), 0)
+  q = jnp.zeros((6, 4, 8))
+  with pytest.raises(ValueError, match="rows=4 must be >= 1 and divide the 6 sequences"):
+    base.chunked_attention(q, q, q, jnp.ones((6, 4), bool), 1.0, 4)
+  with pytest.raises(ValueError, match=r"key_valid must be \[G, Lk\]"):
+    base.chunked_attention(q, q, q, jnp.ones((6, 5), bool), 1.0, 2)

@@ -188,3 +188,14 @@ def test_cpu_chunked_block_attention_equals_the_batched_product(keep_rate):
     assert not np.any(np.asarray(out_a[1, 16:]))              # the key-less block's rows
   for got, want in zip(vjp_a(cotangent), vjp_b(cotangent)):
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_block_attention_errors_name_the_problem():
+  q = jnp.zeros((1, 20, 2, 4))
+  valid = jnp.ones((1, 20), bool)
+  kwargs = dict(keep_rate=0.4, block_size=4, has_cls_token=False, scale=0.5)
+  with pytest.raises(ValueError, match=r"scores must be \[B, H, NB, NB\] = \(1, 2, 5, 5\)"):
+    sparsifiner.block_attention(q, q, q, valid, jnp.zeros((1, 2, 4, 4)), **kwargs)
+  with pytest.raises(ValueError, match="keep_rate must be in"):
+    sparsifiner.block_attention(q, q, q, valid, jnp.zeros((1, 2, 5, 5)),
+                                **{**kwargs, "keep_rate": 0.0})

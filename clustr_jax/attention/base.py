@@ -214,7 +214,6 @@ def _scale_rows_bwd(residuals, g):
 scale_rows.defvjp(_scale_rows_fwd, _scale_rows_bwd)
 
 
-
 # Attention over many short independent sequences (CAST's clusters, the Sparsifiner block path's
 # query blocks) on the CPU. XLA:CPU runs one batched product over all of them far below its
 # matmul rate, and autodiff's backward pass through it (with its row reductions) slower still;
@@ -249,10 +248,18 @@ def chunked_attention(q: Array, k: Array, v: Array, key_valid: Array, scale: flo
     saved row maxima and sums (flash attention's recomputation).
 
   Raises:
-    ValueError: ``rows`` does not divide G.
+    ValueError: ``rows`` < 1 or not dividing G; shapes other than the above.
   """
-  if q.shape[0] % rows:
-    raise ValueError(f"chunked_attention: rows={rows} must divide the {q.shape[0]} sequences")
+  groups, length_q, head_dim = q.shape
+  if k.shape != v.shape or k.shape[0] != groups or k.shape[2] != head_dim:
+    raise ValueError(f"chunked_attention: k and v must be [G, Lk, d] = [{groups}, Lk, "
+                     f"{head_dim}]; got {k.shape} and {v.shape}")
+  if key_valid.shape != k.shape[:2]:
+    raise ValueError(f"chunked_attention: key_valid must be [G, Lk] = {k.shape[:2]}; got "
+                     f"{key_valid.shape}")
+  if rows < 1 or groups % rows:
+    raise ValueError(f"chunked_attention: rows={rows} must be >= 1 and divide the {groups} "
+                     "sequences")
   return _chunked_attention(q, k, v, key_valid, scale, rows)
 
 
@@ -371,8 +378,13 @@ def top_k(x: Array, k: int) -> tuple[Array, Array]:
   Returns:
     (values [..., k] in x's dtype, indices int32 [..., k]) in descending order. The values are
     x at the indices, so their gradient is TopK's.
+
+  Raises:
+    ValueError: k outside [1, n].
   """
   n = x.shape[-1]
+  if not 1 <= k <= n:
+    raise ValueError(f"top_k: k={k} must be in [1, {n}] (the last axis of x {x.shape})")
   xla = lambda x: jax.lax.top_k(x, k)[1].astype(jnp.int32)  # noqa: E731
   if k > n // 4:
     index = xla(x)

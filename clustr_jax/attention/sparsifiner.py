@@ -343,37 +343,48 @@ def block_attention(q: jax.Array, k: jax.Array, v: jax.Array, valid: jax.Array,
     (out [B, N, H, d] in v's dtype; the CLS row's weights float32 [B, H, N], or None without a
     CLS token; the chosen key blocks int32 [B, H, NB, kept], -1 where a chosen block has no real
     token).
+
+  Raises:
+    ValueError: keep_rate outside (0, 1], block_size < 1, or scores not [B, H, NB, NB].
   """
   drop = dropout if dropout is not None else (lambda w: w)
   batch, length, heads, head_dim = q.shape
   size = block_size
-  num_blocks = scores.shape[-1]
+  if not 0.0 < keep_rate <= 1.0:
+    raise ValueError(f"{_NAME}: block_attention keep_rate must be in (0, 1]; got {keep_rate}")
+  if size < 1:
+    raise ValueError(f"{_NAME}: block_attention block_size must be >= 1; got {size}")
+  num_blocks = -(-length // size)
+  if scores.shape != (batch, heads, num_blocks, num_blocks):
+    raise ValueError(f"{_NAME}: block_attention scores must be [B, H, NB, NB] = "
+                     f"{(batch, heads, num_blocks, num_blocks)} (NB = ceil({length} / "
+                     f"{size})); got {tuple(scores.shape)}")
   pad = num_blocks * size - length
   kept = min(num_blocks, max(1, math.ceil(keep_rate * num_blocks)))
   token_valid = jnp.pad(valid, ((0, 0), (0, pad))).reshape(batch, num_blocks, size)
-  block_valid = token_valid.any(-1)                                        # [B, NB]
+  block_valid = token_valid.any(-1)                                          # [B, NB]
   score = jnp.where(block_valid[:, None, None, :], scores, -jnp.inf)
-  score = jnp.where(jnp.eye(num_blocks, dtype=bool), jnp.inf, score)      # own block always
-  _, chosen = jax.lax.top_k(jax.lax.stop_gradient(score), kept)          # [B, H, NB, kept]
-  chosen_valid = jax.vmap(lambda m, i: m[i])(block_valid, chosen)        # [B, H, NB, kept]
+  score = jnp.where(jnp.eye(num_blocks, dtype=bool), jnp.inf, score)        # own block always
+  _, chosen = jax.lax.top_k(jax.lax.stop_gradient(score), kept)            # [B, H, NB, kept]
+  chosen_valid = jax.vmap(lambda m, i: m[i])(block_valid, chosen)          # [B, H, NB, kept]
 
-  def blocks(t):                                                 # [B, N, H, d] -> blocks
+  def blocks(t):                                                   # [B, N, H, d] -> blocks
     t = jnp.pad(t.transpose(0, 2, 1, 3), ((0, 0), (0, 0), (0, pad), (0, 0)))
-    return t.reshape(batch, heads, num_blocks, size, head_dim)   # [B, H, NB, bs, d]
+    return t.reshape(batch, heads, num_blocks, size, head_dim)     # [B, H, NB, bs, d]
 
-  gather = jax.vmap(jax.vmap(lambda t, i: t[i]))                 # per batch and head
+  gather = jax.vmap(jax.vmap(lambda t, i: t[i]))                   # per batch and head
   qb, kb, vb = blocks(q), blocks(k), blocks(v)
   kg = gather(kb, chosen).reshape(batch, heads, num_blocks, kept * size, head_dim)
   vg = gather(vb, chosen).reshape(batch, heads, num_blocks, kept * size, head_dim)
-  key_ok = jax.vmap(lambda m, i: m[i])(token_valid, chosen)      # [B, H, NB, kept, bs]
+  key_ok = jax.vmap(lambda m, i: m[i])(token_valid, chosen)        # [B, H, NB, kept, bs]
   key_ok = (key_ok & chosen_valid[..., None]).reshape(batch, heads, num_blocks, kept * size)
 
   def batched(qb, kg, vg, key_ok):
     logits = jnp.einsum("bhnsd,bhntd->bhnst", qb, kg).astype(jnp.float32) * scale
-    weights = _safe_softmax(logits, key_ok[..., None, :])        # [B, H, NB, bs, kept bs]
+    weights = _safe_softmax(logits, key_ok[..., None, :])          # [B, H, NB, bs, kept bs]
     return jnp.einsum("bhnst,bhntd->bhnsd", drop(weights).astype(v.dtype), vg)
 
-  def chunked(qb, kg, vg, key_ok):                               # the CPU, without dropout
+  def chunked(qb, kg, vg, key_ok):                                 # the CPU, without dropout
     flat = lambda t: t.reshape((-1,) + t.shape[3:])  # noqa: E731  [B H NB, ...]
     rows = math.gcd(batch * heads * num_blocks, BLOCK_CHUNK_ROWS)
     return base.chunked_attention(flat(qb), flat(kg), flat(vg), flat(key_ok), scale,
@@ -385,10 +396,10 @@ def block_attention(q: jax.Array, k: jax.Array, v: jax.Array, valid: jax.Array,
     out = batched(qb, kg, vg, key_ok)
   out = out.reshape(batch, heads, num_blocks * size, head_dim)[:, :, :length]
   cls_weights = None
-  if has_cls_token:                                         # the dense CLS row
+  if has_cls_token:                                                # the dense CLS row
     qh, kh, vh = (t.transpose(0, 2, 1, 3) for t in (q, k, v))
     cls_logits = jnp.einsum("bhd,bhnd->bhn", qh[:, :, 0], kh).astype(jnp.float32) * scale
-    cls_weights = _safe_softmax(cls_logits, valid[:, None, :])   # [B, H, N]
+    cls_weights = _safe_softmax(cls_logits, valid[:, None, :])     # [B, H, N]
     cls_out = jnp.einsum("bhn,bhnd->bhd", drop(cls_weights).astype(v.dtype), vh)
     out = out.at[:, :, 0].set(cls_out)
   return (out.transpose(0, 2, 1, 3), cls_weights,
@@ -477,8 +488,10 @@ class MaskPredictor(nn.Module):
       return block_scores(coef, basis, valid, self.basis_topk, self.block_size,
                           self.has_cls_token)
     # A^[., n, j] = sum_t top_coef[., n, t] basis[j, top_index[., n, t]]: basis_topk gathered
-    # rows of basis^T instead of a product with the (mostly zero) dense coefficients.
-    top_coef, top_index = base.top_k(coef, self.basis_topk)                  # [B, H, Nq, topk]
+    # rows of basis^T instead of a product with the (mostly zero) dense coefficients. The
+    # barrier keeps XLA (where it runs TopK) from rewriting it and the slices into a full sort.
+    top_coef, top_index = jax.lax.optimization_barrier(
+        base.top_k(coef, self.basis_topk))                                   # [B, H, Nq, topk]
     basis_t = _materialised_transpose(basis)                                 # [n_down, N]
     approx = top_coef[..., 0, None] * basis_t[top_index[..., 0]]
     for t in range(1, self.basis_topk):
