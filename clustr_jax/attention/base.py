@@ -317,7 +317,7 @@ _chunked_attention.defvjp(_chunked_attention_fwd, _chunked_attention_bwd)
 # an indirect comparison per element; the mechanisms here select top-k of many rows (CAST's
 # kappa members of each (head, cluster) row, Sparsifiner's keys per query and its predictor's
 # coefficients). A tournament over groups gives the same values and indices, vectorised over the
-# rows: 1.3-3x faster on this project's 2-core VMs (measured shapes in ``top_k``'s docstring).
+# rows, on both cores.
 
 _INT32_MIN = -(2 ** 31)
 
@@ -365,11 +365,10 @@ def top_k(x: Array, k: int) -> tuple[Array, Array]:
   and k rounds take the best group maximum and refresh that group's maximum from its members
   ranked below the one taken. Entries are ordered as XLA's TopK orders them (as integers, so
   -0.0 is below 0.0; ties go to the lower index), so values and indices are equal to TopK's,
-  ties included. Measured on the 2-core CPU against XLA's TopK (rows x n, k): 512 x 8,192,
-  128 (CAST's selection at N = 8,192) 29.5 -> 23.0 ms; 8,184 x 1,024, 103 (Sparsifiner's keys
-  at N = 1,024) 187 -> 79 ms; 8,184 x 170, 8 (its predictor's coefficients) 10.3 -> 4.6 ms;
-  75,264 x 197, 50 (DeiT-S, batch 64) 487 -> 216 ms. Larger k (a full sort at k = n) and
-  other platforms use ``jax.lax.top_k``, chosen at lowering time.
+  ties included. The measured effect on the mechanisms is in
+  experiments/results/cast_ab_topk.md and clustr_clustering_ab_topk.md (``docs/results.md``).
+  Larger k (a full sort at k = n) and other platforms use ``jax.lax.top_k``, chosen at lowering
+  time.
 
   Args:
     x: float [..., n] without NaN.
